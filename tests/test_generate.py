@@ -69,7 +69,7 @@ def _random_problem(np_rng, n=37, d=3, m=200):
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "batch"))
-def _fit_heights(key, y, num_steps=300, batch=8192):
+def _fit_heights(key, y, num_steps=200, batch=4096):
   """Minimises E(h) = E_mu[max_i <x, y_i> + h_i] - mean(h) for mu = N(0, I) by Monte-Carlo Adam.
 
   An independent little solver (the gradient is cell masses - nu), so the tests do not depend on
@@ -106,7 +106,7 @@ def two_clusters():
       rng.normal([3.0, 0.0], 0.4, (n_c, 2)),
   ]).astype(np.float32)
   h = np.asarray(_fit_heights(jax.random.key(3), jnp.asarray(y)))
-  x = rng.normal(size=(100_000, 2))
+  x = rng.normal(size=(50_000, 2))
   masses = np.bincount(np.argmax(_np_scores(x, y, h), axis=1), minlength=len(y)) / len(x)
   # Sanity check of the test's own solver: every cell carries roughly its 1/80 of the mass.
   assert np.max(np.abs(masses * len(y) - 1.0)) < 0.35
@@ -230,7 +230,7 @@ def test_extended_zero_threshold_or_radius_equals_exact(np_rng):
 
 def test_extended_two_clusters_no_gap_but_novel(two_clusters):
   y, h, n_c = two_clusters
-  z = np.asarray(jax.random.normal(jax.random.key(7), (4000, 2)))
+  z = np.asarray(jax.random.normal(jax.random.key(7), (2000, 2)))
   args = (jnp.asarray(z), jnp.asarray(y), jnp.asarray(h))
   thr = _default_angle_threshold(jnp.asarray(y))
   cross = np.asarray(gen.normal_angles(jnp.asarray(y[:n_c, None]), jnp.asarray(y[None, n_c:])))
@@ -331,7 +331,6 @@ def test_bad_shapes_raise():
 @pytest.mark.parametrize("mode,kwargs", [
     ("exact", {}),
     ("extended", {}),
-    ("extended", {"angle_threshold": 0.3, "radius": 0.2, "top_k": 4}),
     ("soft", {"temperature": 0.5}),
 ])
 def test_generate_jit_and_vmap_over_keys(two_clusters, mode, kwargs):
