@@ -211,7 +211,7 @@ def precision_recall_density_coverage(
     *,
     chunk_size: int = 1024,
 ) -> Dict[str, jax.Array]:
-  r"""Precision / recall (Kynkaanniemi 2019) and density / coverage (Naeem 2020).
+  r"""Precision / recall (Kynkaanniemi 2019), density / coverage (Naeem 2020).
 
   With ``r_i`` the distance of real point ``i`` to its k-th nearest real
   neighbour (itself excluded) and ``f_j`` the same within the fake set:

@@ -1,4 +1,4 @@
-"""Tests for lsot_jax.metrics against hand computations and independent references."""
+"""Tests for lsot_jax.metrics against hand computations and references."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,7 +196,7 @@ def test_sinkhorn_default_epsilon():
 
 
 def _w2_1d_lp(x, y):
-  """Exact 1-D squared W2 between uniform empirical measures by linear program."""
+  """Exact 1-D squared W2 between uniform empirical measures (an LP)."""
   n, m = len(x), len(y)
   cost = (x[:, None] - y[None, :])**2
   rows = np.kron(np.eye(n), np.ones((1, m)))
@@ -264,11 +264,12 @@ def test_compute_metrics_dispatch_and_errors(np_rng, rng):
   train = means[np_rng.integers(0, 8, 300)] + 0.01 * np_rng.normal(
       size=(300, 2))
   out = metrics.compute_metrics(
-      ["mode_coverage", "frechet", "prdc", "sliced_wasserstein",
+      ["mode_coverage", "frechet", "prdc", "sinkhorn", "sliced_wasserstein",
        "memorisation"],
       fake, real, train=train, means=means, std=0.01, key=rng)
   assert out["modes"] == 8.0
   assert out["frechet"] == pytest.approx(metrics.frechet_distance(fake, real))
+  assert out["sinkhorn"] > 0.0
   assert set(out) >= {"precision", "recall", "density", "coverage",
                       "sliced_wasserstein", "memorisation_rate",
                       "memorisation_threshold", "high_quality", "reverse_kl"}
