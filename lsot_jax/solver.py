@@ -327,15 +327,15 @@ class BrenierSolver:
     method: assignment reduction (``"auto"``, ``"fused"``, ``"argmax"``).
   """
 
-  learning_rate: Any = 0.02
+  learning_rate: Any = 0.3
   num_iterations: int = dataclasses.field(default=2000, metadata=dict(static=True))
   batch_size: int = dataclasses.field(default=4096, metadata=dict(static=True))
   max_batch_size: int = dataclasses.field(default=131072, metadata=dict(static=True))
   growth: int = dataclasses.field(default=2, metadata=dict(static=True))
-  lr_decay: float = dataclasses.field(default=0.7, metadata=dict(static=True))
+  lr_decay: float = dataclasses.field(default=0.5, metadata=dict(static=True))
   window: int = dataclasses.field(default=10, metadata=dict(static=True))
   tol: float = dataclasses.field(default=0.05, metadata=dict(static=True))
-  stall_ratio: float = dataclasses.field(default=0.9, metadata=dict(static=True))
+  stall_ratio: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   floor_factor: float = dataclasses.field(default=1.5, metadata=dict(static=True))
   initialisation: str = dataclasses.field(default="voronoi", metadata=dict(static=True))
   b1: float = dataclasses.field(default=0.9, metadata=dict(static=True))
