@@ -1,0 +1,261 @@
+"""Orbax checkpointing for pipeline stages, with fallback past corrupt steps and a completion marker.
+
+One :class:`StageCheckpointer` owns one directory (one training stage). Each step holds two Orbax items:
+``state`` (any pytree of arrays, saved with ``StandardSave``) and ``meta`` (a JSON dict). Guarantees:
+
+* Paths are made absolute (Orbax fails late, leaving a tmp folder, on relative ones).
+* ``save`` blocks until the step is committed (``wait_until_finished``), so a process killed after ``save``
+  returns leaves a complete, restorable step.
+* Saving a step that already exists raises (Orbax would silently skip it) unless ``overwrite=True``.
+* Every save records a SHA-256 of the state's leaves in the meta; ``restore`` verifies it and falls back to
+  the previous step, with a warning, when the latest one is unreadable or does not match (a truncated or
+  deleted file). If no step is valid, it raises :class:`CheckpointError` naming the directory.
+* ``save_final`` / ``is_complete`` write and read a ``COMPLETE.json`` marker so a pipeline can skip finished
+  stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = [
+    "CheckpointError",
+    "StageCheckpointer",
+    "tree_checksum",
+]
+
+_CHECKSUM_KEY = "_lsot_state_sha256"
+_MARKER = "COMPLETE.json"
+
+
+class CheckpointError(RuntimeError):
+  """Raised when a checkpoint directory holds no valid step to restore."""
+
+
+def tree_checksum(tree: Any) -> str:
+  """SHA-256 over the key paths, dtypes, shapes and bytes of a pytree's leaves.
+
+  Args:
+    tree: a pytree of arrays (JAX or NumPy) or scalars.
+
+  Returns:
+    A hex digest string.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(arr.tobytes())
+  return digest.hexdigest()
+
+
+def _atomic_write_json(path: pathlib.Path, payload: Dict[str, Any]) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  if not isinstance(leaf, jax.Array):
+    leaf = jnp.asarray(leaf)
+  return ocp.utils.to_shape_dtype_struct(leaf)
+
+
+class StageCheckpointer:
+  """Saves and restores one stage's state in an Orbax ``CheckpointManager``.
+
+  Args:
+    directory: the stage's checkpoint folder; relative paths are resolved against the working directory.
+      Created if missing.
+    max_to_keep: number of most recent steps kept on disk (>= 1; 2 or more keeps a fallback).
+  """
+
+  def __init__(self, directory: os.PathLike | str, max_to_keep: int = 3):
+    if int(max_to_keep) < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+    self._dir = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
+    self._dir.mkdir(parents=True, exist_ok=True)
+    self._max_to_keep = int(max_to_keep)
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(self._dir, options=options)
+
+  @property
+  def directory(self) -> pathlib.Path:
+    """The absolute checkpoint directory."""
+    return self._dir
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "StageCheckpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def all_steps(self) -> List[int]:
+    """Committed steps on disk, ascending (read fresh from the directory)."""
+    self._manager.reload()
+    return sorted(int(s) for s in self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    """The most recent committed step (not checked for corruption), or None if there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, meta: Optional[Dict[str, Any]] = None, *,
+           overwrite: bool = False) -> None:
+    """Saves ``state`` and ``meta`` as ``step`` and blocks until the step is committed.
+
+    Args:
+      step: non-negative step number.
+      state: pytree of arrays.
+      meta: JSON-serialisable dict (the key ``_lsot_state_sha256`` is reserved).
+      overwrite: replace an existing step instead of raising.
+
+    Raises:
+      ValueError: if the step exists and ``overwrite`` is False, or ``meta`` is not JSON-serialisable.
+      RuntimeError: if Orbax declines to save.
+    """
+    step = int(step)
+    if step < 0:
+      raise ValueError(f"step must be non-negative, got {step}.")
+    meta = dict(meta or {})
+    if _CHECKSUM_KEY in meta:
+      raise ValueError(f"meta key {_CHECKSUM_KEY!r} is reserved.")
+    try:
+      json.dumps(meta)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"meta must be JSON-serialisable: {e}") from e
+    if step in self.all_steps():
+      if not overwrite:
+        raise ValueError(f"Step {step} already exists in {self._dir}; pass overwrite=True to replace it.")
+      self._manager.delete(step)
+    meta[_CHECKSUM_KEY] = tree_checksum(state)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    saved = self._manager.save(step, args=args, force=True)
+    self._manager.wait_until_finished()
+    if not saved:
+      raise RuntimeError(f"Orbax did not save step {step} in {self._dir}.")
+
+  def _restore_step(self, step: int, abstract: Any) -> Tuple[Any, Dict[str, Any]]:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    restored = self._manager.restore(step, args=args)
+    state, meta = restored["state"], dict(restored["meta"])
+    expected = meta.pop(_CHECKSUM_KEY, None)
+    if expected is None:
+      raise CheckpointError(f"step {step} has no state checksum in its meta")
+    if tree_checksum(state) != expected:
+      raise CheckpointError(f"step {step} state does not match its checksum")
+    return state, meta
+
+  def restore(self, target: Any, step: Optional[int] = None) -> Tuple[int, Any, Dict[str, Any]]:
+    """Restores the latest valid step (or exactly ``step``).
+
+    Steps that fail to load or fail the checksum are skipped with a ``UserWarning`` naming the step and the
+    reason, and the next older step is tried.
+
+    Args:
+      target: a pytree with the structure, shapes and dtypes of the saved state (JAX or NumPy arrays,
+        scalars or ``jax.ShapeDtypeStruct``).
+      step: restore this step only (no fallback).
+
+    Returns:
+      ``(step, state, meta)``.
+
+    Raises:
+      CheckpointError: if no step (or the requested step) can be restored.
+    """
+    abstract = jax.tree.map(_abstract_leaf, target)
+    steps = self.all_steps()
+    if step is not None:
+      if int(step) not in steps:
+        raise CheckpointError(f"Step {step} not found in {self._dir} (steps on disk: {steps}).")
+      candidates = [int(step)]
+    else:
+      candidates = steps[::-1]
+    if not candidates:
+      raise CheckpointError(f"No checkpoint to restore in {self._dir}: the directory holds no committed step.")
+    failures = []
+    for s in candidates:
+      try:
+        state, meta = self._restore_step(s, abstract)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        failures.append(f"step {s}: {reason}")
+        if step is None:
+          warnings.warn(f"Checkpoint step {s} in {self._dir} is unreadable or corrupt ({reason}); "
+                        "falling back to the previous step.", UserWarning, stacklevel=2)
+        continue
+      return s, state, meta
+    raise CheckpointError(f"No valid checkpoint in {self._dir}; every step failed to restore:\n  "
+                          + "\n  ".join(failures))
+
+  def save_final(self, step: int, state: Any, meta: Optional[Dict[str, Any]] = None, *,
+                 overwrite: bool = False) -> None:
+    """Saves the last step of a stage and marks the stage complete.
+
+    Args:
+      step: the final step number.
+      state: pytree of arrays.
+      meta: JSON-serialisable dict; also copied into the completion marker.
+      overwrite: replace an existing step instead of raising.
+    """
+    self.save(step, state, meta, overwrite=overwrite)
+    self.mark_complete(step, meta)
+
+  def mark_complete(self, step: int, meta: Optional[Dict[str, Any]] = None) -> None:
+    """Writes the completion marker for an existing step (atomically)."""
+    if int(step) not in self.all_steps():
+      raise ValueError(f"Cannot mark step {step} complete: it is not in {self._dir}.")
+    _atomic_write_json(self._dir / _MARKER, {"step": int(step), "meta": dict(meta or {})})
+
+  def clear_complete(self) -> None:
+    """Removes the completion marker, if any (e.g. before training a stage further)."""
+    marker = self._dir / _MARKER
+    if marker.exists():
+      marker.unlink()
+
+  def completion(self) -> Optional[Dict[str, Any]]:
+    """The completion marker ``{"step": int, "meta": dict}``, or None if the stage is not complete.
+
+    A marker whose step is no longer on disk, or that cannot be parsed, counts as not complete.
+    """
+    marker = self._dir / _MARKER
+    if not marker.exists():
+      return None
+    try:
+      payload = json.loads(marker.read_text())
+      step = int(payload["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+      return None
+    if step not in self.all_steps():
+      return None
+    return payload
+
+  def is_complete(self) -> bool:
+    """Whether the stage was finished with :meth:`save_final` (and its final step is still on disk)."""
+    return self.completion() is not None

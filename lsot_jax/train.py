@@ -1,0 +1,422 @@
+"""Optax training loops for the autoencoder, the VAE baseline and the evaluation classifier.
+
+All three loops share one engine with these properties:
+
+* The train state is a plain pytree ``{"params", "opt_state", "step"}`` updated by one jitted step that
+  donates it (``donate_argnums=0``). The step key is ``jax.random.fold_in(train_key, step)``, so a resumed
+  run draws exactly the keys an uninterrupted run would.
+* Data order is a pure function of ``(seed, epoch)``: epoch ``e`` visits ``default_rng([seed, e])
+  .permutation(N)`` in batches of ``batch_size`` (the last partial batch is dropped so shapes stay static).
+  The stream position is therefore the step count; it is saved with the state (and checked on resume), so a
+  resumed run continues the same stream and reaches the same parameters as an uninterrupted one.
+* Checkpoints go to a :class:`~lsot_jax.checkpoint.StageCheckpointer` every ``checkpoint_every`` steps (or
+  at every epoch end) and at the end; the last one is written with ``save_final`` so a finished stage is
+  skipped on rerun. A rerun resumes from the latest valid step.
+* Losses stay on the device and are fetched every ``log_every`` steps and before every checkpoint. A
+  non-finite loss or parameter raises :class:`TrainingDiverged` (a ``FloatingPointError``) naming the stage
+  and the first bad step; nothing after the last finite check is ever saved, so the previous checkpoint
+  stays restorable.
+* One JSON line per finished epoch goes to ``log_path`` (``stage, epoch, step, loss, examples_per_sec,
+  seconds``), and a tqdm bar shows loss and throughput when stderr is a terminal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from lsot_jax import checkpoint as checkpoint_lib
+from lsot_jax import models
+
+__all__ = [
+    "TrainConfig",
+    "TrainingDiverged",
+    "batched_apply",
+    "epoch_permutation",
+    "train_autoencoder",
+    "train_classifier",
+    "train_vae",
+]
+
+_LOG = logging.getLogger(__name__)
+History = List[Dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Hyperparameters shared by the training loops.
+
+  Attributes:
+    seed: seeds the model init, the per-step keys and the data order.
+    epochs: number of passes over the data; the stage is complete after ``epochs * (N // batch_size)``
+      steps.
+    batch_size: examples per step (clipped to N).
+    learning_rate: Adam(W) step size (constant).
+    weight_decay: decoupled weight decay (AdamW); 0 gives Adam.
+    grad_clip_norm: clip gradients to this global norm; None disables clipping.
+    checkpoint_every: save every this many steps; 0 saves at the end of every epoch.
+    max_to_keep: checkpoints kept on disk.
+    max_steps: stop after this many total steps without marking the stage complete (quick runs, tests);
+      None trains all epochs.
+    log_every: steps between device-to-host loss fetches (divergence checks and progress updates).
+  """
+
+  seed: int = 0
+  epochs: int = 10
+  batch_size: int = 128
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  grad_clip_norm: Optional[float] = None
+  checkpoint_every: int = 0
+  max_to_keep: int = 3
+  max_steps: Optional[int] = None
+  log_every: int = 50
+
+  def __post_init__(self):
+    if self.epochs < 1 or self.batch_size < 1:
+      raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}.")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+    if self.weight_decay < 0 or self.checkpoint_every < 0 or self.max_to_keep < 1 or self.log_every < 1:
+      raise ValueError("weight_decay and checkpoint_every must be >= 0, max_to_keep and log_every >= 1.")
+    if self.max_steps is not None and self.max_steps < 0:
+      raise ValueError(f"max_steps must be >= 0 or None, got {self.max_steps}.")
+    if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+      raise ValueError(f"grad_clip_norm must be positive or None, got {self.grad_clip_norm}.")
+
+
+class TrainingDiverged(FloatingPointError):
+  """A training loss or parameter became NaN/Inf.
+
+  Attributes:
+    stage: the training stage name.
+    step: the first step (0-based) whose loss or updated parameters were not finite.
+    directory: the checkpoint directory.
+    last_good_step: the latest checkpointed step on disk (None if there is none).
+  """
+
+  def __init__(self, stage: str, step: int, directory: str, last_good_step: Optional[int]):
+    self.stage, self.step, self.directory, self.last_good_step = stage, step, directory, last_good_step
+    kept = (f"the last good checkpoint (step {last_good_step}) is kept in {directory}"
+            if last_good_step is not None else f"no checkpoint was written to {directory}")
+    super().__init__(f"Training stage {stage!r} diverged: non-finite loss or parameters at step {step}; "
+                     f"{kept}. Lower the learning rate or check the inputs for NaN/Inf.")
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The data order of one epoch, a pure function of ``(seed, epoch)``.
+
+  Args:
+    seed: the training seed.
+    epoch: 0-based epoch index.
+    num_examples: N.
+
+  Returns:
+    int64 array of shape [N], a permutation of ``range(N)``.
+  """
+  return np.random.default_rng([int(seed), int(epoch)]).permutation(int(num_examples))
+
+
+def batched_apply(fn: Callable[[jax.Array], Any], x: np.ndarray, batch_size: int = 1024) -> Any:
+  """Applies a batch function over ``x`` in fixed-size chunks (the last one padded), concatenating outputs.
+
+  Args:
+    fn: maps an Array of shape [B, ...] to a pytree of Arrays with leading dimension B; jit it yourself.
+    x: array of shape [N, ...].
+    batch_size: chunk size B (clipped to N).
+
+  Returns:
+    The pytree of outputs with leading dimension N, as NumPy arrays.
+  """
+  x = np.asarray(x)
+  n = x.shape[0]
+  if n == 0:
+    raise ValueError("batched_apply needs at least one example.")
+  bs = max(1, min(int(batch_size), n))
+  outs = []
+  for start in range(0, n, bs):
+    chunk = x[start:start + bs]
+    pad = bs - chunk.shape[0]
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)], axis=0)
+    out = jax.device_get(fn(chunk))
+    outs.append(jax.tree.map(lambda a, k=bs - pad: np.asarray(a)[:k], out))
+  return jax.tree.map(lambda *a: np.concatenate(a, axis=0), *outs)
+
+
+def _resolve_config(train_cfg: Optional[TrainConfig], overrides: Dict[str, Any]) -> TrainConfig:
+  cfg = train_cfg if train_cfg is not None else TrainConfig()
+  if not isinstance(cfg, TrainConfig):
+    raise ValueError(f"train_cfg must be a TrainConfig, got {type(cfg).__name__}.")
+  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  unknown = sorted(set(overrides) - names)
+  if unknown:
+    raise ValueError(f"Unknown training options {unknown}; TrainConfig fields are {sorted(names)}.")
+  return dataclasses.replace(cfg, **overrides)
+
+
+def _make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  opt = (optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay) if cfg.weight_decay
+         else optax.adam(cfg.learning_rate))
+  if cfg.grad_clip_norm is not None:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+  return opt
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def _append_log(log_path: Optional[str], record: Dict[str, Any]) -> None:
+  if log_path is None:
+    return
+  path = os.path.abspath(os.fspath(log_path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Array, Any]],
+         arrays: Sequence[np.ndarray], ckpt_dir: str, cfg: TrainConfig, log_path: Optional[str],
+         progress: bool, info: Dict[str, Any]) -> Tuple[models.Params, History, Dict[str, Any]]:
+  """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``."""
+  n = int(arrays[0].shape[0])
+  if n == 0 or any(a.shape[0] != n for a in arrays):
+    raise ValueError(f"{stage}: training arrays must be non-empty and have the same length, "
+                     f"got {[a.shape[0] for a in arrays]}.")
+  bs = min(cfg.batch_size, n)
+  steps_per_epoch = n // bs
+  total_steps = cfg.epochs * steps_per_epoch
+  stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+  data_spec = {"num_examples": n, "batch_size": bs, "seed": int(cfg.seed), "steps_per_epoch": steps_per_epoch}
+
+  tx = _make_optimizer(cfg)
+  train_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32)}
+  ckpt = checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=cfg.max_to_keep)
+  bar = None
+  try:
+    step, history, acc = 0, [], {"loss_sum": 0.0, "loss_count": 0}
+    if ckpt.latest_step() is not None:
+      step, state, meta = ckpt.restore(state)
+      if meta.get("data") != data_spec:
+        raise ValueError(f"{stage}: the checkpoint in {ckpt.directory} was written for data stream "
+                         f"{meta.get('data')}, but this run has {data_spec}; use a fresh directory.")
+      if int(state["step"]) != step:
+        raise ValueError(f"{stage}: checkpoint step {step} holds state step {int(state['step'])}.")
+      history, acc = list(meta["history"]), dict(meta["epoch_accumulator"])
+      _LOG.info("%s: resuming from step %d of %d (%s).", stage, step, total_steps, ckpt.directory)
+
+    def make_meta() -> Dict[str, Any]:
+      return {"stage": stage, "step": step, "total_steps": total_steps, "data": data_spec,
+              "history": history, "epoch_accumulator": acc, "train_config": dataclasses.asdict(cfg),
+              **info}
+
+    if step >= stop_at:
+      if step >= total_steps and not ckpt.is_complete():
+        ckpt.mark_complete(step, make_meta())
+      _LOG.info("%s: already trained to step %d; skipping.", stage, step)
+      return state["params"], history, make_meta()
+    ckpt.clear_complete()
+
+    def train_step(state, batch, key):
+      step_key = jax.random.fold_in(key, state["step"])
+      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, step_key)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      new_params = optax.apply_updates(state["params"], updates)
+      finite = jnp.isfinite(loss) & _all_finite(new_params)
+      new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+      return new_state, loss, finite
+
+    step_fn = jax.jit(train_step, donate_argnums=0)
+    bar = tqdm.tqdm(total=stop_at, initial=step, desc=stage, unit="step", dynamic_ncols=True,
+                    disable=not (progress and sys.stderr.isatty()))
+    pending: List[Tuple[int, jax.Array, jax.Array]] = []
+    perm, perm_epoch = None, -1
+    clock, clock_steps = time.perf_counter(), 0
+
+    def flush() -> None:
+      fetched = jax.device_get([(loss, finite) for _, loss, finite in pending])
+      for (s, _, _), (loss, finite) in zip(pending, fetched):
+        if not (bool(finite) and math.isfinite(float(loss))):
+          raise TrainingDiverged(stage, s, str(ckpt.directory), ckpt.latest_step())
+        acc["loss_sum"] += float(loss)
+        acc["loss_count"] += 1
+      if pending:
+        elapsed = max(time.perf_counter() - clock, 1e-9)
+        bar.set_postfix(loss=f"{float(fetched[-1][0]):.4g}", ex_s=f"{clock_steps * bs / elapsed:.0f}")
+        bar.update(len(pending))
+      pending.clear()
+
+    while step < stop_at:
+      epoch, pos = divmod(step, steps_per_epoch)
+      if epoch != perm_epoch:
+        perm, perm_epoch = epoch_permutation(cfg.seed, epoch, n), epoch
+      idx = perm[pos * bs:(pos + 1) * bs]
+      batch = tuple(a[idx] for a in arrays)
+      state, loss, finite = step_fn(state, batch, train_key)
+      pending.append((step, loss, finite))
+      step += 1
+      clock_steps += 1
+      epoch_end = step % steps_per_epoch == 0
+      save_now = (epoch_end if cfg.checkpoint_every == 0 else step % cfg.checkpoint_every == 0)
+      save_now = save_now or step == stop_at
+      if len(pending) >= cfg.log_every or epoch_end or save_now:
+        flush()
+      if epoch_end:
+        seconds = time.perf_counter() - clock
+        record = {"stage": stage, "epoch": epoch + 1, "step": step,
+                  "loss": acc["loss_sum"] / max(acc["loss_count"], 1),
+                  "examples_per_sec": clock_steps * bs / max(seconds, 1e-9), "seconds": seconds}
+        history.append(record)
+        acc = {"loss_sum": 0.0, "loss_count": 0}
+      if save_now:
+        if step == total_steps:
+          ckpt.save_final(step, state, make_meta())
+        else:
+          ckpt.save(step, state, make_meta())
+      if epoch_end:
+        _append_log(log_path, history[-1])
+        clock, clock_steps = time.perf_counter(), 0
+    return state["params"], history, make_meta()
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+
+
+def _as_float_array(x: Any, shape: Tuple[int, ...], what: str) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  if x.ndim < 1 or tuple(x.shape[1:]) != tuple(shape):
+    raise ValueError(f"{what} must have shape [N, {', '.join(map(str, shape))}], got {x.shape}.")
+  return x
+
+
+def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
+                      train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
+                      log_path: Optional[str] = None, progress: bool = True,
+                      **overrides: Any) -> Tuple[Any, models.Params, History]:
+  """Trains (or resumes, or skips) the deterministic autoencoder on reconstruction MSE.
+
+  Args:
+    x_train: array of shape [N, *model_cfg.input_shape] (images in [0, 1] or points).
+    model_cfg: the architecture.
+    ckpt_dir: checkpoint directory of this stage (made absolute).
+    train_cfg: hyperparameters; defaults to ``TrainConfig()``.
+    code_penalty: weight of the mean squared code norm added to the loss.
+    log_path: JSON-lines file that receives one record per epoch; None disables it.
+    progress: show a tqdm bar (only when stderr is a terminal).
+    **overrides: ``TrainConfig`` fields replacing those of ``train_cfg`` (e.g. ``epochs=3, seed=1``).
+
+  Returns:
+    ``(graphdef, params, history)``; ``history`` is a list of per-epoch records (see module docstring).
+
+  Raises:
+    TrainingDiverged: on a non-finite loss or parameter.
+  """
+  cfg = _resolve_config(train_cfg, overrides)
+  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  graphdef, params = models.init_autoencoder(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
+
+  def loss_fn(p, batch, key):
+    del key
+    return models.autoencoder_loss(graphdef, p, batch[0], code_penalty=code_penalty)
+
+  info = {"model": "autoencoder", "model_config": dataclasses.asdict(model_cfg), "code_penalty": code_penalty}
+  params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info)
+  return graphdef, params, history
+
+
+def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
+              train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
+              log_path: Optional[str] = None, progress: bool = True,
+              **overrides: Any) -> Tuple[Any, models.Params, History]:
+  """Trains (or resumes, or skips) the Gaussian-prior VAE baseline on the negative ELBO.
+
+  Args:
+    x_train: array of shape [N, *model_cfg.input_shape].
+    model_cfg: the architecture (shared with the autoencoder).
+    ckpt_dir: checkpoint directory of this stage.
+    train_cfg: hyperparameters; defaults to ``TrainConfig()``.
+    beta: KL weight.
+    obs_std: Gaussian observation noise (point data only).
+    log_path: JSON-lines file for per-epoch records.
+    progress: show a tqdm bar (only when stderr is a terminal).
+    **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
+
+  Returns:
+    ``(graphdef, params, history)``.
+
+  Raises:
+    TrainingDiverged: on a non-finite loss or parameter.
+  """
+  cfg = _resolve_config(train_cfg, overrides)
+  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  graphdef, params = models.init_vae(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
+
+  def loss_fn(p, batch, key):
+    return models.vae_loss(graphdef, p, key, batch[0], beta=beta, obs_std=obs_std)
+
+  info = {"model": "vae", "model_config": dataclasses.asdict(model_cfg), "beta": beta, "obs_std": obs_std}
+  params, history, _ = _fit("vae", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info)
+  return graphdef, params, history
+
+
+def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.ndarray,
+                     labels_test: np.ndarray, model_cfg: models.ClassifierConfig, ckpt_dir: str,
+                     train_cfg: Optional[TrainConfig] = None, *, log_path: Optional[str] = None,
+                     progress: bool = True, **overrides: Any) -> Tuple[Any, models.Params, float]:
+  """Trains (or resumes, or skips) the evaluation classifier and reports its test accuracy.
+
+  Args:
+    x_train: array of shape [N, *model_cfg.input_shape].
+    labels_train: int array of shape [N], values in [0, num_classes).
+    x_test: array of shape [M, *model_cfg.input_shape].
+    labels_test: int array of shape [M].
+    model_cfg: the architecture.
+    ckpt_dir: checkpoint directory of this stage.
+    train_cfg: hyperparameters; defaults to ``TrainConfig()``.
+    log_path: JSON-lines file for per-epoch records.
+    progress: show a tqdm bar (only when stderr is a terminal).
+    **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
+
+  Returns:
+    ``(graphdef, params, test_accuracy)``.
+
+  Raises:
+    TrainingDiverged: on a non-finite loss or parameter.
+  """
+  cfg = _resolve_config(train_cfg, overrides)
+  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  xt = _as_float_array(x_test, model_cfg.input_shape, "x_test")
+  y, yt = np.asarray(labels_train), np.asarray(labels_test)
+  for name, lab, data in (("labels_train", y, x), ("labels_test", yt, xt)):
+    if lab.shape != (data.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+      raise ValueError(f"{name} must be an int array of shape [{data.shape[0]}], got {lab.dtype} {lab.shape}.")
+    if lab.size and (lab.min() < 0 or lab.max() >= model_cfg.num_classes):
+      raise ValueError(f"{name} must lie in [0, {model_cfg.num_classes}), got [{lab.min()}, {lab.max()}].")
+  y, yt = y.astype(np.int32), yt.astype(np.int32)
+  graphdef, params = models.init_classifier(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
+
+  def loss_fn(p, batch, key):
+    del key
+    return models.classifier_loss(graphdef, p, batch[0], batch[1])
+
+  info = {"model": "classifier", "model_config": dataclasses.asdict(model_cfg)}
+  params, _, _ = _fit("classifier", params, loss_fn, (x, y), ckpt_dir, cfg, log_path, progress, info)
+  predict = jax.jit(lambda xb: jnp.argmax(models.classifier_logits(graphdef, params, xb), axis=-1))
+  predictions = batched_apply(predict, xt, batch_size=1024)
+  accuracy = float(np.mean(predictions == yt))
+  return graphdef, params, accuracy

@@ -1,0 +1,161 @@
+"""Tests for lsot_jax.train on sklearn's bundled digits: learning, exact resume, divergence, classifier."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
+
+from lsot_jax import models, train
+from lsot_jax.checkpoint import StageCheckpointer
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def digits():
+  d = load_digits()
+  x = (d.images / 16.0).astype(np.float32)[..., None]
+  return x[:1400], d.target[:1400], x[1400:], d.target[1400:]
+
+
+SMALL_AE = models.AutoencoderConfig(kind="mlp", input_shape=(8, 8, 1), latent_dim=8, widths=(64, 32))
+
+
+def _restore_params(ckpt_dir, graphdef_params, cfg=train.TrainConfig()):
+  """Restores the params saved in ckpt_dir, using a freshly built train state as the target."""
+  target = {"params": graphdef_params, "opt_state": train._make_optimizer(cfg).init(graphdef_params),
+            "step": np.int32(0)}
+  with StageCheckpointer(ckpt_dir) as ckpt:
+    step, state, meta = ckpt.restore(target)
+  return step, state["params"], meta
+
+
+def test_autoencoder_learns_better_than_pca(digits, tmp_path):
+  x, _, x_test, _ = digits
+  log = tmp_path / "logs" / "ae.jsonl"
+  graphdef, params, history = train.train_autoencoder(
+      x, SMALL_AE, str(tmp_path / "ae"), seed=0, epochs=12, batch_size=64, learning_rate=3e-3,
+      log_path=str(log), progress=False)
+  recon = jax.jit(lambda b: models.decode(graphdef, params, models.encode(graphdef, params, b)))(x_test)
+  mse = float(np.mean((np.asarray(recon) - x_test) ** 2))
+  flat, flat_test = x.reshape(len(x), -1), x_test.reshape(len(x_test), -1)
+  pca = PCA(SMALL_AE.latent_dim).fit(flat)
+  pca_mse = float(np.mean((pca.inverse_transform(pca.transform(flat_test)) - flat_test) ** 2))
+  mean_mse = float(np.mean((flat_test - flat.mean(0)) ** 2))
+  assert mse < 0.4 * mean_mse
+  assert mse < pca_mse, (mse, pca_mse)
+  assert history[-1]["loss"] < 0.3 * history[0]["loss"]
+  records = [json.loads(line) for line in log.read_text().splitlines()]
+  assert [r["epoch"] for r in records] == list(range(1, 13))
+  assert all(r["stage"] == "autoencoder" and r["examples_per_sec"] > 0 for r in records)
+  assert records[-1]["step"] == 12 * (1400 // 64)
+  with StageCheckpointer(tmp_path / "ae") as ckpt:
+    assert ckpt.is_complete() and ckpt.latest_step() == 12 * (1400 // 64)
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "vae"])
+def test_resume_reproduces_uninterrupted_run(stage, digits, tmp_path):
+  x = digits[0][:600]
+  fn = train.train_autoencoder if stage == "autoencoder" else train.train_vae
+  cfg = train.TrainConfig(seed=3, epochs=3, batch_size=64, learning_rate=2e-3, checkpoint_every=4)
+  steps_per_epoch = 600 // 64
+  _, full, full_history = fn(x, SMALL_AE, str(tmp_path / "full"), cfg, progress=False)
+
+  log = tmp_path / "resumed.jsonl"
+  interrupted_at = steps_per_epoch + 3  # mid-epoch, and not a multiple of checkpoint_every
+  _, partial, _ = fn(x, SMALL_AE, str(tmp_path / "resumed"), cfg, max_steps=interrupted_at,
+                     log_path=str(log), progress=False)
+  with StageCheckpointer(tmp_path / "resumed") as ckpt:
+    assert ckpt.latest_step() == interrupted_at and not ckpt.is_complete()
+  assert not np.allclose(partial["decoder"]["out"]["kernel"], full["decoder"]["out"]["kernel"])
+  _, resumed, resumed_history = fn(x, SMALL_AE, str(tmp_path / "resumed"), cfg, log_path=str(log),
+                                   progress=False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), resumed, full)
+  np.testing.assert_allclose([r["loss"] for r in resumed_history], [r["loss"] for r in full_history],
+                             rtol=1e-6)
+  # The rerun continued from the checkpoint: epoch 1 was logged once, by the first call.
+  assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+  # A finished stage is skipped and returns the saved parameters.
+  _, again, _ = fn(x, SMALL_AE, str(tmp_path / "resumed"), cfg, log_path=str(log), progress=False)
+  jax.tree.map(np.testing.assert_array_equal, again, resumed)
+  assert len(log.read_text().splitlines()) == 3
+
+
+def test_resume_rejects_a_different_data_stream(digits, tmp_path):
+  x = digits[0][:300]
+  train.train_autoencoder(x, SMALL_AE, str(tmp_path), epochs=1, batch_size=50, progress=False)
+  with pytest.raises(ValueError, match="data stream"):
+    train.train_autoencoder(x, SMALL_AE, str(tmp_path), epochs=2, batch_size=60, progress=False)
+
+
+def test_nan_input_raises_and_keeps_last_good_checkpoint(digits, tmp_path):
+  x = digits[0][:320]
+  cfg = train.TrainConfig(seed=1, epochs=1, batch_size=64, learning_rate=1e-3)
+  graphdef, good, _ = train.train_autoencoder(x, SMALL_AE, str(tmp_path), cfg, progress=False)
+  poisoned = x.copy()
+  poisoned[:, 3, 3, 0] = np.nan
+  with pytest.raises(train.TrainingDiverged) as info:
+    train.train_autoencoder(poisoned, SMALL_AE, str(tmp_path), cfg, epochs=2, progress=False)
+  err = info.value
+  assert isinstance(err, FloatingPointError)
+  assert err.stage == "autoencoder" and err.step == 5 and err.last_good_step == 5
+  assert "'autoencoder'" in str(err) and "step 5" in str(err)
+  step, restored, _ = _restore_params(str(tmp_path), good)
+  assert step == 5
+  jax.tree.map(np.testing.assert_array_equal, restored, good)
+
+
+def test_huge_learning_rate_diverges_without_saving(digits, tmp_path):
+  x = digits[0][:256]
+  with pytest.raises(train.TrainingDiverged, match="'vae'") as info:
+    train.train_vae(x, SMALL_AE, str(tmp_path), seed=0, epochs=2, batch_size=64, learning_rate=1e30,
+                    progress=False)
+  assert info.value.last_good_step is None
+  with StageCheckpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() is None
+
+
+def test_classifier_reaches_90_percent_on_digits(digits, tmp_path):
+  x, y, x_test, y_test = digits
+  cfg = models.ClassifierConfig(kind="mlp", input_shape=(8, 8, 1), widths=(128,), feature_dim=64)
+  graphdef, params, accuracy = train.train_classifier(
+      x, y, x_test, y_test, cfg, str(tmp_path), seed=0, epochs=15, batch_size=64, learning_rate=2e-3,
+      progress=False)
+  logits = models.classifier_logits(graphdef, params, x_test)
+  assert accuracy == pytest.approx(float(np.mean(np.argmax(logits, axis=1) == y_test)))
+  assert accuracy > 0.9
+  with pytest.raises(ValueError, match="labels_train"):
+    train.train_classifier(x, y + 1, x_test, y_test, cfg, str(tmp_path / "bad"), progress=False)
+
+
+def test_epoch_permutation_is_deterministic_per_seed_and_epoch():
+  a = train.epoch_permutation(0, 1, 50)
+  np.testing.assert_array_equal(np.sort(a), np.arange(50))
+  np.testing.assert_array_equal(a, train.epoch_permutation(0, 1, 50))
+  assert not np.array_equal(a, train.epoch_permutation(0, 2, 50))
+  assert not np.array_equal(a, train.epoch_permutation(1, 1, 50))
+
+
+def test_batched_apply_pads_the_last_chunk(np_rng):
+  x = np_rng.normal(size=(10, 3)).astype(np.float32)
+  shapes = []
+
+  def fn(b):
+    shapes.append(b.shape)
+    return {"sum": b.sum(axis=1), "double": 2 * b}
+
+  out = train.batched_apply(fn, x, batch_size=4)
+  np.testing.assert_allclose(out["sum"], x.sum(axis=1), rtol=1e-6)
+  np.testing.assert_allclose(out["double"], 2 * x)
+  assert shapes == [(4, 3)] * 3
+
+
+def test_train_config_validation():
+  with pytest.raises(ValueError, match="Unknown training options"):
+    train._resolve_config(None, {"epoch": 3})
+  with pytest.raises(ValueError):
+    train.TrainConfig(learning_rate=0.0)
+  with pytest.raises(ValueError):
+    train.TrainConfig(batch_size=0)
