@@ -10,8 +10,6 @@ from sklearn.decomposition import PCA
 from lsot_jax import models, train
 from lsot_jax.checkpoint import StageCheckpointer
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 
 @pytest.fixture(scope="module")
 def digits():
