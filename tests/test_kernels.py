@@ -1,0 +1,176 @@
+"""Tests for lsot_jax.kernels: the tiled assignment against float64 NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsot_jax import kernels
+
+# (tile_size, row_chunk): defaults, sizes that do not divide M = 203 or n = 37, and degenerate ones.
+TILINGS = [(8192, 4096), (8, 50), (5, 7), (16, 203), (1, 1000), (37, 1)]
+
+
+def _problem(np_rng, m=203, n=37, d=5):
+  x = np_rng.normal(size=(m, d)).astype(np.float32)
+  y = np_rng.normal(size=(n, d)).astype(np.float32)
+  h = np_rng.normal(size=(n,)).astype(np.float32)
+  return x, y, h
+
+
+def _reference(x, y, h):
+  """float64 scores of the float32 inputs: (argmax, max, gap between the two best scores)."""
+  s = x.astype(np.float64) @ y.astype(np.float64).T + h.astype(np.float64)[None, :]
+  idx = np.argmax(s, axis=1)
+  best = s.max(axis=1)
+  if s.shape[1] > 1:
+    top2 = np.sort(s, axis=1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+  else:
+    gap = np.full(s.shape[0], np.inf)
+  return idx, best, gap
+
+
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("tile_size,row_chunk", TILINGS)
+def test_assign_matches_float64_argmax(np_rng, method, tile_size, row_chunk):
+  x, y, h = _problem(np_rng)
+  idx, best = kernels.assign(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), tile_size=tile_size, row_chunk=row_chunk,
+      method=method,
+  )
+  idx, best = np.asarray(idx), np.asarray(best)
+  ref_idx, ref_best, gap = _reference(x, y, h)
+  assert idx.shape == (x.shape[0],) and idx.dtype == np.int32
+  assert ((idx >= 0) & (idx < y.shape[0])).all()
+  # float32 rounding may legitimately flip near-ties: compare only rows whose two best scores differ by
+  # more than 1e-4 (scores are O(1), float32 error O(1e-6)); nearly all rows must qualify.
+  clear = gap > 1e-4
+  assert clear.mean() > 0.97
+  np.testing.assert_array_equal(idx[clear], ref_idx[clear])
+  np.testing.assert_allclose(best, ref_best, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+def test_assign_wide_problem_d64(np_rng, method):
+  """Realistic sizes: several target tiles, several row chunks, d = 64 (exercises the blocked matmul)."""
+  x, y, h = _problem(np_rng, m=1000, n=3000, d=64)
+  h = 0.1 * h
+  idx, best = kernels.assign(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), tile_size=1024, row_chunk=256, method=method
+  )
+  ref_idx, ref_best, gap = _reference(x, y, h)
+  idx = np.asarray(idx)
+  assert ((idx >= 0) & (idx < y.shape[0])).all()
+  clear = gap > 1e-3
+  assert clear.mean() > 0.95
+  np.testing.assert_array_equal(idx[clear], ref_idx[clear])
+  np.testing.assert_allclose(np.asarray(best), ref_best, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+def test_assign_single_target(np_rng, method):
+  x, y, h = _problem(np_rng, m=17, n=1, d=3)
+  idx, best = kernels.assign(jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), method=method, row_chunk=4)
+  np.testing.assert_array_equal(np.asarray(idx), np.zeros(17, np.int32))
+  np.testing.assert_allclose(
+      np.asarray(best), (x.astype(np.float64) @ y[0].astype(np.float64)) + h[0], rtol=1e-5, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("tile_size", [8192, 2, 3])
+def test_assign_exact_ties_take_lowest_index(method, tile_size):
+  """Integer-valued data make the scores exact in float32, so ties are exact ties."""
+  a = np.array([1.0, 2.0], np.float32)
+  b = np.array([-1.0, 0.0], np.float32)
+  # Targets 0/2/4 are the same code, as are 1/3; target 5 has a lower height.
+  y = np.stack([a, b, a, b, a, a])
+  h = np.array([0.0, 0.0, 0.0, 0.0, 0.0, -1.0], np.float32)
+  x = np.array([[1.0, 1.0], [-3.0, 0.0], [2.0, -1.0], [0.0, 0.0]], np.float32)
+  # Scores with a: 3, -3, 0, 0; with b: -1, 3, -2, 0.
+  expected = np.array([0, 1, 0, 0], np.int32)
+  idx, best = kernels.assign(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), tile_size=tile_size, method=method
+  )
+  np.testing.assert_array_equal(np.asarray(idx), expected)
+  np.testing.assert_array_equal(np.asarray(best), np.array([3.0, 3.0, 0.0, 0.0], np.float32))
+
+
+def test_assign_jit_equals_eager(np_rng):
+  x, y, h = (jnp.asarray(a) for a in _problem(np_rng))
+  for method in ("fused", "argmax"):
+    kwargs = dict(tile_size=8, row_chunk=50, method=method)
+    eager = kernels.assign(x, y, h, **kwargs)
+    jitted = jax.jit(lambda x, y, h, kw=kwargs: kernels.assign(x, y, h, **kw))(x, y, h)
+    np.testing.assert_array_equal(np.asarray(eager[0]), np.asarray(jitted[0]))
+    np.testing.assert_allclose(np.asarray(eager[1]), np.asarray(jitted[1]), rtol=1e-6)
+
+
+def test_scores_reference(np_rng):
+  x, y, h = _problem(np_rng, m=11, n=7, d=4)
+  s = kernels.scores(jnp.asarray(x), jnp.asarray(y), jnp.asarray(h))
+  np.testing.assert_allclose(np.asarray(s), x.astype(np.float64) @ y.T + h[None, :], rtol=1e-5, atol=1e-5)
+
+
+def test_default_method_is_valid():
+  assert kernels.default_method() in ("fused", "argmax")
+
+
+def test_assign_bad_shapes(np_rng):
+  x, y, h = (jnp.asarray(a) for a in _problem(np_rng, m=5, n=4, d=3))
+  with pytest.raises(ValueError, match="Shape mismatch"):
+    kernels.assign(x[:, :2], y, h)
+  with pytest.raises(ValueError, match="Shape mismatch"):
+    kernels.assign(x, y, h[:3])
+  with pytest.raises(ValueError, match="expects"):
+    kernels.assign(x[0], y, h)
+  with pytest.raises(ValueError, match="Unknown assignment method"):
+    kernels.assign(x, y, h, method="sort")
+
+
+def test_cell_histogram_matches_bincount(np_rng):
+  n = 13
+  idx = np_rng.integers(0, n - 2, size=500)  # the last two cells stay empty
+  hist = kernels.cell_histogram(jnp.asarray(idx, jnp.int32), n)
+  np.testing.assert_allclose(np.asarray(hist), np.bincount(idx, minlength=n) / 500, rtol=1e-5, atol=1e-7)
+  weights = np_rng.random(500)
+  weights /= weights.sum()
+  hist_w = kernels.cell_histogram(jnp.asarray(idx, jnp.int32), n, jnp.asarray(weights, jnp.float32))
+  np.testing.assert_allclose(
+      np.asarray(hist_w), np.bincount(idx, weights=weights, minlength=n), rtol=1e-5, atol=1e-7
+  )
+
+
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+def test_assign_large_problem_needs_no_score_matrix(method):
+  """n = 200,000 codes in d = 64, M = 4,096: XLA's temporary buffers stay far below one M x n matrix.
+
+  (A plain ``argmax(x @ y.T + h)`` needs 3,125 MiB of temporaries here; the tiled kernel about 50-180.)
+  """
+  m, n, d = 4096, 200_000, 64
+  fn = jax.jit(lambda x, y, h: kernels.assign(x, y, h, method=method))
+  lowered = fn.lower(
+      jax.ShapeDtypeStruct((m, d), jnp.float32),
+      jax.ShapeDtypeStruct((n, d), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.float32),
+  )
+  analysis = lowered.compile().memory_analysis()
+  temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+  if temp is None:
+    pytest.skip("memory_analysis() is not available on this backend")
+  dense = m * n * 4  # 3.3 GB
+  assert temp < dense / 10, f"temp {temp / 2**20:.0f} MiB vs dense scores {dense / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_assign_large_problem_runs_and_matches_on_a_subset(np_rng):
+  """Actually runs n = 200,000, d = 64 and checks rows against a float64 reference on a target subset."""
+  m, n, d = 512, 200_000, 64
+  x = np_rng.normal(size=(m, d)).astype(np.float32)
+  y = np_rng.normal(size=(n, d)).astype(np.float32)
+  h = np.zeros(n, np.float32)
+  idx, best = jax.jit(lambda x, y, h: kernels.assign(x, y, h))(x, y, h)
+  ref_idx, ref_best, gap = _reference(x, y, h)
+  clear = gap > 1e-3
+  np.testing.assert_array_equal(np.asarray(idx)[clear], ref_idx[clear])
+  np.testing.assert_allclose(np.asarray(best), ref_best, rtol=1e-5, atol=1e-4)
