@@ -15,6 +15,10 @@ import pytest
 
 from lsot_jax.checkpoint import CheckpointError, StageCheckpointer, tree_checksum
 
+# A failed Orbax/TensorStore read (the corruption tests) can leave a callback for an already-closed asyncio
+# loop, reported later by the garbage collector in whichever test is running; it is harmless.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _state(scale: float):
   params = {"enc": {"kernel": jnp.arange(12.0).reshape(3, 4) * scale, "bias": jnp.full((4,), scale)},
@@ -128,11 +132,6 @@ def _wrong_checksum(step_dir):
     json.dump(meta, fh)
 
 
-# A failed Orbax/TensorStore read can leave a callback for an already-closed asyncio loop; it is harmless.
-_IGNORE_CLOSED_LOOP = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@_IGNORE_CLOSED_LOOP
 @pytest.mark.parametrize("corrupt", [_delete_data, _truncate_data, _truncate_meta, _wrong_checksum])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, corrupt):
   _two_steps(tmp_path).close()
@@ -146,7 +145,6 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, corrupt):
       ckpt.restore(_state(0.0), step=2)
 
 
-@_IGNORE_CLOSED_LOOP
 def test_all_corrupt_raises_naming_directory(tmp_path):
   _two_steps(tmp_path).close()
   _delete_data(str(tmp_path / "1"))
@@ -156,7 +154,6 @@ def test_all_corrupt_raises_naming_directory(tmp_path):
       ckpt.restore(_state(0.0))
 
 
-@_IGNORE_CLOSED_LOOP
 def test_empty_directory_raises(tmp_path):
   with StageCheckpointer(tmp_path / "empty") as ckpt:
     assert ckpt.latest_step() is None
