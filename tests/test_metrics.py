@@ -233,11 +233,12 @@ def test_sliced_wasserstein_shift_and_same_set(np_rng, rng):
 def test_memorisation_copies_and_fresh_draws(np_rng):
   train = np_rng.normal(size=(500, 3))
   heldout = np_rng.normal(size=(400, 3))
-  copies = train[np_rng.integers(0, 500, size=300)]
-  res = metrics.memorisation_rate(copies, train, heldout, chunk_size=64)
+  fn = jax.jit(metrics.memorisation_rate, static_argnames=("chunk_size",))
+  copies = train[np_rng.integers(0, 500, size=1500)]
+  res = fn(copies, train, heldout, chunk_size=256)
   assert float(res["rate"]) == 1.0
   fresh = np_rng.normal(size=(1500, 3))
-  res_fresh = metrics.memorisation_rate(fresh, train, heldout, chunk_size=256)
+  res_fresh = fn(fresh, train, heldout, chunk_size=256)
   assert 0.4 < float(res_fresh["rate"]) < 0.6
   # Independent nearest neighbours and threshold.
   d = scipy_distance.cdist(fresh, train)
@@ -249,7 +250,7 @@ def test_memorisation_copies_and_fresh_draws(np_rng):
   assert float(res_fresh["threshold"]) == pytest.approx(threshold, rel=1e-4)
   assert float(res_fresh["rate"]) == pytest.approx(
       np.mean(d.min(axis=1) < threshold), abs=2e-3)
-  far = metrics.memorisation_rate(fresh * 5.0, train, heldout)
+  far = fn(fresh * 5.0, train, heldout, chunk_size=256)
   assert float(far["rate"]) < 0.3
 
 
