@@ -38,6 +38,7 @@ The config never reaches numerical code: this module turns it into keyword argum
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -103,6 +104,10 @@ FEATURE_SPACES = ("points", "classifier", "pixels")
 
 # Salts folded into the seed key, one per consumer, so that no two stages share a stream.
 _SALT_OT, _SALT_SAMPLE, _SALT_FIT, _SALT_EVAL, _SALT_MARGINAL = 11, 13, 17, 19, 23
+# BrenierSolver fields exposed as ot.<field>; their defaults are the solver's.
+_SOLVER_FIELDS = ("learning_rate", "num_iterations", "batch_size", "max_batch_size", "growth", "lr_decay",
+                  "window", "tol", "stall_ratio", "floor_factor", "initialisation")
+_SOLVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(solver_lib.BrenierSolver)}
 _DONE = "DONE.json"
 _SPEC = "spec.json"
 _CONFIG = "config.json"
@@ -164,7 +169,7 @@ def default_config() -> ml_collections.ConfigDict:
     ot.source: source measure mu, ``"gaussian"`` or ``"uniform"`` (cube [-1, 1]^d).
     ot.num_codes: number of training codes the potential is fitted to (0: all; a seeded random subset
       otherwise); the baselines are fitted to the same codes.
-    ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields.
+    ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults).
     ot.checkpoint_every: solver steps between checkpoints.
     ot.marginal_samples: source samples for the final cell-mass (marginal error) check.
     sample.methods: generators to run, from :data:`METHODS`.
@@ -206,13 +211,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.ot = ml_collections.ConfigDict(dict(
       source="gaussian",
       num_codes=0,
-      learning_rate=0.02,
-      num_iterations=2000,
-      batch_size=4096,
-      max_batch_size=131072,
-      window=10,
-      tol=0.05,
-      initialisation="voronoi",
+      **{name: _SOLVER_DEFAULTS[name] for name in _SOLVER_FIELDS},
       checkpoint_every=100,
       marginal_samples=262144,
   ))
@@ -629,10 +628,7 @@ def _ot_setup(r: _Run) -> Tuple[solver_lib.SemidiscreteProblem, solver_lib.Breni
   codes, index = _load_codes(r)
   y = codes[index]
   problem = solver_lib.make_problem(y, source=sources.make_source(ot.source, y.shape[1]))
-  solver = solver_lib.BrenierSolver(
-      learning_rate=float(ot.learning_rate), num_iterations=int(ot.num_iterations),
-      batch_size=int(ot.batch_size), max_batch_size=int(ot.max_batch_size), window=int(ot.window),
-      tol=float(ot.tol), initialisation=ot.initialisation)
+  solver = solver_lib.BrenierSolver(**{name: ot[name] for name in _SOLVER_FIELDS})
   return problem, solver
 
 

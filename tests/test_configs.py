@@ -1,0 +1,76 @@
+"""Every config file: loads, matches the schema of pipeline.default_config, validates, has a smoke variant."""
+import importlib.util
+import pathlib
+import re
+
+import ml_collections
+import pytest
+
+from lsot_jax import pipeline
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_NAMES = ("eight_gaussians", "grid25", "mnist", "fashion_mnist", "digits", "celeba")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _keys(config, prefix=""):
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_keys(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def test_config_files_are_all_listed():
+  assert sorted(p.stem for p in CONFIG_DIR.glob("*.py")) == sorted(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_config_matches_schema_and_validates(name, arg):
+  config = _load(name).get_config(arg)
+  assert set(_keys(config)) == set(_keys(pipeline.default_config())), "a config added or lost a field"
+  for section in ("data", "ae", "ot", "sample", "eval"):
+    assert isinstance(config[section], ml_collections.ConfigDict)
+  assert isinstance(config.seed, int)
+  pipeline.validate_config(config)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_smoke_variant_is_smaller(name):
+  module = _load(name)
+  full, smoke = _keys(module.get_config()), _keys(module.get_config("smoke"))
+  for field in ("ot.num_iterations", "sample.num_samples"):
+    assert smoke[field] <= full[field], field
+  assert smoke["ot.num_iterations"] < full["ot.num_iterations"]
+  assert len(smoke["sample.methods"]) < len(full["sample.methods"])
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_docstring_gives_command_runtime_and_metrics(name):
+  doc = _load(name).__doc__
+  assert f"python launch.py --config configs/{name}.py" in doc
+  assert f"configs/{name}.py:smoke" in doc
+  assert re.search(r"Expected runtime", doc) and re.search(r"Expected metrics", doc)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_unknown_argument_is_refused(name):
+  with pytest.raises(ValueError, match="Unknown config argument"):
+    _load(name).get_config("bogus")
+
+
+def test_mnist_is_the_embedded_default():
+  makefile = (CONFIG_DIR.parent / "Makefile").read_text()
+  assert "CONFIG ?= configs/mnist.py" in makefile
+  config = _load("mnist").get_config()
+  assert config.data.name == "mnist" and config.ae.kind == "conv28"
+  assert config.eval.feature_space == "classifier"
