@@ -395,6 +395,28 @@ class BrenierSolver:
         window_errors=jnp.full((num_windows,), jnp.inf, jnp.float32),
     )
 
+  def _cell_masses_and_potential(
+      self, x: jax.Array, y: jax.Array, h: jax.Array
+  ) -> Tuple[jax.Array, jax.Array]:
+    """Batch cell masses and potential values: the assignment of one step.
+
+    Subclasses override this to change where the assignment runs (e.g.
+    :class:`lsot_jax.sharding.ShardedBrenierSolver` shards the targets over a device mesh).
+
+    Args:
+      x: Array of shape [M, d], source batch.
+      y: Array of shape [n, d], target codes.
+      h: Array of shape [n], heights (masked cells already at -1e30).
+
+    Returns:
+      ``(w, best)``: Array of shape [n], the fraction of the batch in each cell, and array of shape [M],
+      ``u_h(x)``.
+    """
+    idx, best = kernels.assign(
+        x, y, h, tile_size=self.tile_size, row_chunk=self.row_chunk, method=self.method
+    )
+    return kernels.cell_histogram(idx, y.shape[0]), best
+
   def _step(
       self,
       rng: jax.Array,
@@ -406,13 +428,9 @@ class BrenierSolver:
   ) -> SolverState:
     it = state.it
     nu = problem.weights
-    n = problem.num_targets
     x = problem.source.sample(jax.random.fold_in(rng, it), batch)
     h_eff = _masked_heights(state.h, nu)
-    idx, best = kernels.assign(
-        x, problem.y, h_eff, tile_size=self.tile_size, row_chunk=self.row_chunk, method=self.method
-    )
-    w = kernels.cell_histogram(idx, n)
+    w, best = self._cell_masses_and_potential(x, problem.y, h_eff)
     grad = w - nu
     loss = jnp.mean(best) - jnp.sum(jnp.where(nu > 0, nu * state.h, 0.0))
     batch_error = jnp.sum(jnp.abs(grad))
