@@ -1,0 +1,461 @@
+"""Beyond one device: the Brenier solver with its targets sharded over a mesh, data-parallel helpers and
+multi-host start-up. Everything uses JAX's own machinery (``jax.sharding.Mesh``, ``NamedSharding``,
+``jax.shard_map``, ``jax.distributed``); there is no home-made scheduler.
+
+Sharded assignment. The codes y [n, d] and heights h [n] are split along a 1-D mesh axis; the source batch
+x [M, d] is replicated. Each device scores its slice with the tiled kernel :func:`lsot_jax.kernels.assign`,
+then two collectives combine the slices:
+
+    best = pmax(best_local)                                   (u_h(x), the global max)
+    idx  = pmin(where(best_local == best, local_idx + offset, INT_MAX))
+
+so the index is the lowest global index attaining the maximum, exactly as on one device. Each device then
+counts only the points whose cell it owns, so the histogram -- the gradient -- stays sharded like h, and the
+Adam step is elementwise. The rest of the solver step (mean-centring, the marginal-error sums) is partitioned
+by XLA's SPMD partitioner from the input shardings: its sums over cells become all-reduces (psums).
+
+Uneven n. Shards must have equal size, so :func:`pad_problem` appends targets of weight 0 (code 0). The
+solver already treats weight-0 targets as non-existent (height -1e30, excluded from the mean and the errors),
+so the padded problem has the same solution; :func:`solve_sharded` cuts the padding off again.
+
+Multi-host. Call :func:`initialize_distributed` on every host before any other JAX call; ``jax.devices()``
+then lists the devices of all hosts and :func:`make_mesh` spans them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lsot_jax import kernels
+from lsot_jax import solver as solver_lib
+
+__all__ = [
+    "DEFAULT_AXIS",
+    "ShardedBrenierSolver",
+    "initialize_distributed",
+    "make_mesh",
+    "make_sharded_solver",
+    "pad_problem",
+    "pad_state",
+    "padded_size",
+    "replicate",
+    "shard_batch",
+    "shard_problem",
+    "sharded_assign",
+    "sharded_cell_masses",
+    "solve_sharded",
+    "unpad_state",
+]
+
+DEFAULT_AXIS = "devices"
+_PAD_HEIGHT = -1e30
+_INT_MAX = int(np.iinfo(np.int32).max)
+
+
+def make_mesh(
+    num_devices: Optional[int] = None,
+    axis_name: str = DEFAULT_AXIS,
+    devices: Optional[Sequence[Any]] = None,
+) -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` devices (all of them, on all hosts, by default).
+
+  Args:
+    num_devices: number of devices; all of ``devices`` if None.
+    axis_name: name of the mesh axis.
+    devices: devices to use; ``jax.devices()`` if None.
+
+  Returns:
+    ``Mesh`` of shape [num_devices] with axis ``axis_name``.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices is None:
+    num_devices = len(devices)
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices must be in [1, {len(devices)}]; got {num_devices}.")
+  return Mesh(np.asarray(devices[:num_devices]), (axis_name,))
+
+
+def _axis(mesh: Mesh, axis_name: Optional[str]) -> str:
+  if axis_name is None:
+    if len(mesh.axis_names) != 1:
+      raise ValueError(
+          f"The mesh has axes {mesh.axis_names}; name the one to shard over with axis_name=."
+      )
+    return mesh.axis_names[0]
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"Axis {axis_name!r} is not in the mesh axes {mesh.axis_names}.")
+  return axis_name
+
+
+def padded_size(n: int, num_shards: int) -> int:
+  """Smallest multiple of ``num_shards`` that is >= n."""
+  if n < 1 or num_shards < 1:
+    raise ValueError(f"Need n >= 1 and num_shards >= 1; got {n}, {num_shards}.")
+  return -(-n // num_shards) * num_shards
+
+
+def _local_assign(x, y_loc, h_loc, *, axis_name, tile_size, row_chunk, method):
+  """Per-device body: global (idx, best) of x against all shards, and this shard's offset.
+
+  The shard_maps that call it set ``check_vma=False``: the kernel's tile scan starts from a device-invariant
+  carry that becomes device-varying, which the checker rejects; the outputs declared replicated are
+  replicated by construction (results of ``pmax`` / ``pmin``).
+  """
+  n_loc = y_loc.shape[0]
+  idx, best = kernels.assign(
+      x, y_loc, h_loc, tile_size=tile_size, row_chunk=row_chunk, method=method
+  )
+  best_all = jax.lax.pmax(best, axis_name)
+  offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * n_loc
+  candidate = jnp.where(best == best_all, idx + offset, _INT_MAX)
+  return jax.lax.pmin(candidate, axis_name), best_all, offset
+
+
+def _check_inputs(mesh: Mesh, axis: str, x, y, h) -> int:
+  if x.ndim != 2 or y.ndim != 2 or h.ndim != 1:
+    raise ValueError(
+        f"Expected x [M, d], y [n, d], h [n]; got {x.shape}, {y.shape}, {h.shape}."
+    )
+  if x.shape[1] != y.shape[1] or y.shape[0] != h.shape[0]:
+    raise ValueError(f"Shape mismatch: x {x.shape}, y {y.shape}, h {h.shape}.")
+  return mesh.shape[axis]
+
+
+def _pad_targets(y: jax.Array, h: jax.Array, size: int) -> Tuple[jax.Array, jax.Array]:
+  pad = size - y.shape[0]
+  if pad == 0:
+    return y, h
+  return (
+      jnp.pad(y, ((0, pad), (0, 0))),
+      jnp.pad(h, (0, pad), constant_values=_PAD_HEIGHT),
+  )
+
+
+def sharded_assign(
+    mesh: Mesh,
+    x: jax.Array,
+    y: jax.Array,
+    h: jax.Array,
+    *,
+    axis_name: Optional[str] = None,
+    tile_size: int = 8192,
+    row_chunk: int = 4096,
+    method: kernels.Method = "auto",
+) -> Tuple[jax.Array, jax.Array]:
+  """:func:`lsot_jax.kernels.assign` with the targets sharded over a mesh axis.
+
+  Any n works: the targets are padded internally (height -1e30) to a multiple of the axis size. Pure; jit
+  it (the mesh is static): ``jax.jit(functools.partial(sharded_assign, mesh))(x, y, h)``.
+
+  Args:
+    mesh: the device mesh.
+    x: Array of shape [M, d], source points (replicated).
+    y: Array of shape [n, d], target codes (sharded).
+    h: Array of shape [n], heights (sharded).
+    axis_name: mesh axis to shard the targets over; the mesh's only axis if None.
+    tile_size: targets per tile of the per-device kernel.
+    row_chunk: source rows per chunk of the per-device kernel.
+    method: kernel reduction (``"auto"``, ``"fused"``, ``"argmax"``).
+
+  Returns:
+    ``(idx, best)``: int32 array of shape [M], the lowest global index attaining the maximum score, and
+    array of shape [M], the maximum score, both replicated.
+  """
+  axis = _axis(mesh, axis_name)
+  shards = _check_inputs(mesh, axis, x, y, h)
+  n = y.shape[0]
+  y, h = _pad_targets(y, h, padded_size(n, shards))
+
+  def body(x, y_loc, h_loc):
+    idx, best, _ = _local_assign(
+        x, y_loc, h_loc, axis_name=axis, tile_size=tile_size, row_chunk=row_chunk, method=method
+    )
+    return idx, best
+
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(P(), P(axis, None), P(axis)), out_specs=(P(), P()),
+      check_vma=False,
+  )(x, y, h)
+
+
+def sharded_cell_masses(
+    mesh: Mesh,
+    x: jax.Array,
+    y: jax.Array,
+    h: jax.Array,
+    *,
+    axis_name: Optional[str] = None,
+    tile_size: int = 8192,
+    row_chunk: int = 4096,
+    method: kernels.Method = "auto",
+) -> Tuple[jax.Array, jax.Array]:
+  """Batch cell masses (sharded like h) and potential values, the step of the sharded solver.
+
+  Args:
+    mesh: the device mesh.
+    x: Array of shape [M, d], source batch (replicated).
+    y: Array of shape [n, d], target codes; n must be a multiple of the axis size (see
+      :func:`pad_problem`).
+    h: Array of shape [n], heights.
+    axis_name: mesh axis of the targets; the mesh's only axis if None.
+    tile_size: targets per tile of the per-device kernel.
+    row_chunk: source rows per chunk of the per-device kernel.
+    method: kernel reduction.
+
+  Returns:
+    ``(w, best)``: array of shape [n] (sharded over ``axis_name``), the fraction of the batch in each
+    cell, and array of shape [M] (replicated), ``u_h(x)``.
+  """
+  axis = _axis(mesh, axis_name)
+  shards = _check_inputs(mesh, axis, x, y, h)
+  if y.shape[0] % shards:
+    raise ValueError(
+        f"n = {y.shape[0]} targets do not split evenly over {shards} devices; pad the problem with "
+        "pad_problem / shard_problem first."
+    )
+  m = x.shape[0]
+
+  def body(x, y_loc, h_loc):
+    n_loc = y_loc.shape[0]
+    idx, best, offset = _local_assign(
+        x, y_loc, h_loc, axis_name=axis, tile_size=tile_size, row_chunk=row_chunk, method=method
+    )
+    local = idx - offset
+    mine = (local >= 0) & (local < n_loc)
+    weights = jnp.where(mine, jnp.asarray(1.0 / m, jnp.float32), 0.0)
+    w = jax.ops.segment_sum(weights, jnp.where(mine, local, 0), num_segments=n_loc)
+    return w, best
+
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(P(), P(axis, None), P(axis)), out_specs=(P(axis), P()),
+      check_vma=False,
+  )(x, y, h)
+
+
+def pad_problem(
+    problem: solver_lib.SemidiscreteProblem, multiple: int
+) -> solver_lib.SemidiscreteProblem:
+  """Appends weight-0 targets (code 0) so that n is a multiple of ``multiple``.
+
+  The solver never assigns mass to weight-0 targets and leaves them out of the mean-centring and the
+  errors, so the padded problem has the same solution on the original targets.
+
+  Args:
+    problem: the problem, n targets.
+    multiple: the number of shards.
+
+  Returns:
+    A problem with ``padded_size(n, multiple)`` targets; the first n are the original ones.
+  """
+  n = problem.num_targets
+  pad = padded_size(n, multiple) - n
+  if pad == 0:
+    return problem
+  return dataclasses.replace(
+      problem,
+      y=jnp.pad(problem.y, ((0, pad), (0, 0))),
+      weights=jnp.pad(problem.weights, (0, pad)),
+      representative=jnp.concatenate(
+          [problem.representative, jnp.arange(n, n + pad, dtype=problem.representative.dtype)]
+      ),
+  )
+
+
+def shard_problem(
+    problem: solver_lib.SemidiscreteProblem, mesh: Mesh, axis_name: Optional[str] = None
+) -> solver_lib.SemidiscreteProblem:
+  """Pads the problem to the axis size and places it: per-target arrays sharded, the rest replicated.
+
+  Args:
+    problem: the problem.
+    mesh: the device mesh.
+    axis_name: mesh axis of the targets; the mesh's only axis if None.
+
+  Returns:
+    The padded problem (see :func:`pad_problem`) with ``NamedSharding`` placements.
+  """
+  axis = _axis(mesh, axis_name)
+  padded = pad_problem(problem, mesh.shape[axis])
+  targets = NamedSharding(mesh, P(axis))
+  return dataclasses.replace(
+      padded,
+      y=jax.device_put(padded.y, NamedSharding(mesh, P(axis, None))),
+      weights=jax.device_put(padded.weights, targets),
+      representative=jax.device_put(padded.representative, targets),
+      scale=jax.device_put(padded.scale, NamedSharding(mesh, P())),
+      source=replicate(mesh, padded.source),
+  )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardedBrenierSolver(solver_lib.BrenierSolver):
+  """:class:`lsot_jax.solver.BrenierSolver` whose assignment runs with the targets sharded over a mesh.
+
+  Use it on a problem from :func:`shard_problem` (n a multiple of the axis size); everything else --
+  ``init``, ``run``, ``output``, ``__call__``, the histories, resumption -- is the base solver's.
+
+  Attributes:
+    mesh: the device mesh (static).
+    axis_name: mesh axis of the targets; the mesh's only axis if None (static).
+  """
+
+  mesh: Any = dataclasses.field(default=None, metadata=dict(static=True))
+  axis_name: Optional[str] = dataclasses.field(default=None, metadata=dict(static=True))
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not isinstance(self.mesh, Mesh):
+      raise ValueError(f"ShardedBrenierSolver needs mesh=jax.sharding.Mesh; got {self.mesh!r}.")
+    _axis(self.mesh, self.axis_name)
+
+  def _cell_masses_and_potential(
+      self, x: jax.Array, y: jax.Array, h: jax.Array
+  ) -> Tuple[jax.Array, jax.Array]:
+    return sharded_cell_masses(
+        self.mesh, x, y, h, axis_name=self.axis_name, tile_size=self.tile_size,
+        row_chunk=self.row_chunk, method=self.method,
+    )
+
+
+def make_sharded_solver(
+    solver: solver_lib.BrenierSolver, mesh: Mesh, axis_name: Optional[str] = None
+) -> ShardedBrenierSolver:
+  """The sharded twin of a solver: same hyperparameters, assignment sharded over ``mesh``."""
+  fields = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver_lib.BrenierSolver)}
+  return ShardedBrenierSolver(mesh=mesh, axis_name=axis_name, **fields)
+
+
+def _resize_cells(state: solver_lib.SolverState, fn) -> solver_lib.SolverState:
+  return dataclasses.replace(
+      state,
+      h=fn(state.h),
+      window_hist=fn(state.window_hist),
+      opt_state=jax.tree.map(lambda a: fn(a) if jnp.ndim(a) >= 1 else a, state.opt_state),
+  )
+
+
+def unpad_state(state: solver_lib.SolverState, n: int) -> solver_lib.SolverState:
+  """Cuts the per-target arrays of a padded solver state (h, Adam moments, window histogram) to n."""
+  return _resize_cells(state, lambda a: a[:n])
+
+
+def pad_state(state: solver_lib.SolverState, size: int) -> solver_lib.SolverState:
+  """Zero-pads the per-target arrays of a solver state to ``size`` (to resume a run on a padded problem)."""
+  return _resize_cells(state, lambda a: jnp.pad(a, (0, size - a.shape[0])))
+
+
+def solve_sharded(
+    rng: jax.Array,
+    problem: solver_lib.SemidiscreteProblem,
+    solver: solver_lib.BrenierSolver,
+    mesh: Mesh,
+    h_init: Optional[jax.Array] = None,
+    *,
+    axis_name: Optional[str] = None,
+) -> Tuple[solver_lib.BrenierPotential, solver_lib.SolverState]:
+  """Solves ``problem`` with the targets sharded over ``mesh``; same result as ``jax.jit(solver)(rng, problem)``.
+
+  Pads, places and jits internally (an entry point, like ``launch.py``'s stages); the returned potential
+  and state have the original n targets and live on the mesh's devices.
+
+  Args:
+    rng: PRNG key of the run (same keys per step as the single-device solver).
+    problem: the problem, any n.
+    solver: the solver's hyperparameters.
+    mesh: the device mesh.
+    h_init: optional initial heights of shape [n].
+    axis_name: mesh axis of the targets; the mesh's only axis if None.
+
+  Returns:
+    ``(potential, state)`` as :meth:`BrenierSolver.__call__`.
+  """
+  n = problem.num_targets
+  sharded = make_sharded_solver(solver, mesh, axis_name)
+  padded = shard_problem(problem, mesh, axis_name)
+  if h_init is not None:
+    if h_init.shape != (n,):
+      raise ValueError(f"h_init must have shape ({n},); got {h_init.shape}.")
+    h_init = jnp.pad(h_init, (0, padded.num_targets - n))
+  _, state = jax.jit(sharded)(rng, padded, h_init)
+  state = unpad_state(state, n)
+  return solver.output(problem, state), state
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+  """Places every array leaf of ``tree`` on all devices of ``mesh`` (e.g. model parameters)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+
+
+def shard_batch(mesh: Mesh, batch: Any, axis_name: Optional[str] = None) -> Any:
+  """Splits every array leaf of ``batch`` along its first axis over the mesh (data parallelism).
+
+  A jitted step applied to a sharded batch and :func:`replicate`-d parameters runs data-parallel: XLA
+  partitions the forward and backward passes by the batch and all-reduces the gradients.
+
+  Args:
+    mesh: the device mesh.
+    batch: pytree of arrays with a common leading batch dimension B, a multiple of the axis size.
+    axis_name: mesh axis to split over; the mesh's only axis if None.
+
+  Returns:
+    The batch with ``NamedSharding(mesh, P(axis_name))`` placements.
+  """
+  axis = _axis(mesh, axis_name)
+  shards = mesh.shape[axis]
+
+  def put(a):
+    if np.ndim(a) == 0 or np.shape(a)[0] % shards:
+      raise ValueError(
+          f"Batch leaves need a leading dimension divisible by {shards} devices; got shape "
+          f"{np.shape(a)}. Drop or pad the last partial batch."
+      )
+    return jax.device_put(a, NamedSharding(mesh, P(axis)))
+
+  return jax.tree.map(put, batch)
+
+
+def initialize_distributed(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    local_device_ids: Optional[Sequence[int]] = None,
+) -> bool:
+  """Starts multi-host JAX (a thin wrapper over ``jax.distributed.initialize``).
+
+  Call it on every host, before any other JAX call, with the same ``coordinator_address`` (``host:port``
+  of process 0) and ``num_processes`` and each host's own ``process_id``. On TPU pods and SLURM / Open MPI
+  clusters all three may be None: JAX detects them. Afterwards ``jax.devices()`` lists every host's devices,
+  so :func:`make_mesh` spans them all; feed each host's data with ``jax.make_array_from_process_local_data``.
+  A single process (``num_processes`` 1, or all arguments None outside a detected cluster) needs no call.
+
+  Args:
+    coordinator_address: ``"host:port"`` of the coordinator (process 0).
+    num_processes: total number of processes.
+    process_id: this process's index in ``[0, num_processes)``.
+    local_device_ids: devices this process uses (default: all local ones).
+
+  Returns:
+    True if ``jax.distributed.initialize`` was called, False for a single process (``num_processes == 1``).
+  """
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes must be >= 1; got {num_processes}.")
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id must be in [0, {num_processes}); got {process_id}.")
+  if num_processes == 1:
+    return False
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      local_device_ids=local_device_ids,
+  )
+  return True
