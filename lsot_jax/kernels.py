@@ -68,10 +68,6 @@ def _tile_argmax(
     x: jax.Array, y: jax.Array, h: jax.Array, method: str
 ) -> Tuple[jax.Array, jax.Array]:
   """Max and argmax of the scores of one [Mc, T] tile. Returns ([Mc] float, [Mc] int32)."""
-  if method != "argmax":
-    # Both passes must round alike: without this barrier XLA constant-folds pass 1's matmul when x and y
-    # are compile-time constants (e.g. a DiscreteSource closed over in a jitted function) but not pass 2's.
-    x, y, h = jax.lax.optimization_barrier((x, y, h))
   s = jnp.matmul(x, y.T) + h[None, :]
   best = jnp.max(s, axis=1)
   if method == "argmax":
