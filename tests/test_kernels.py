@@ -106,6 +106,25 @@ def test_assign_jit_equals_eager(np_rng):
     np.testing.assert_allclose(np.asarray(eager[1]), np.asarray(jitted[1]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+def test_assign_on_compile_time_constants(np_rng, method):
+  """Inputs closed over by a jitted function are constants that XLA may fold; the result must not change.
+
+  (Regression: folding only the fused method's first pass made the two passes round differently, giving
+  wrong and even out-of-range indices.)
+  """
+  x, y, h = _problem(np_rng, m=1000, n=37, d=5)
+  idx, best = jax.jit(
+      lambda: kernels.assign(jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), method=method)
+  )()
+  idx = np.asarray(idx)
+  ref_idx, ref_best, gap = _reference(x, y, h)
+  assert ((idx >= 0) & (idx < y.shape[0])).all()
+  clear = gap > 1e-4
+  np.testing.assert_array_equal(idx[clear], ref_idx[clear])
+  np.testing.assert_allclose(np.asarray(best), ref_best, rtol=1e-5, atol=1e-5)
+
+
 def test_scores_reference(np_rng):
   x, y, h = _problem(np_rng, m=11, n=7, d=4)
   s = kernels.scores(jnp.asarray(x), jnp.asarray(y), jnp.asarray(h))
