@@ -14,11 +14,12 @@ Two reductions are available inside a tile:
 * ``"fused"`` (default on CPUs): XLA:CPU fuses ``dot -> elementwise -> reduce_max`` into one cache-blocked
   kernel, but not a variadic ``argmax`` reduction (that runs at ~10 % of the matmul rate at d = 64). The
   fused method therefore does two max-reductions: pass 1 computes the tile max m; pass 2 computes
-  ``max_i( min(s_i - m, 0) * 2**60 - i )``, whose value is ``-i*`` for the lowest index i* with
-  ``s_i >= m``. Both passes are dot + elementwise + reduce_max, which XLA:CPU fuses. The result is the
-  exact float32 argmax (lowest index on exact ties): any index with a score below m by more than
-  ``n / 2**60`` loses, which is far below float32 resolution. The clamp ``min(., 0)`` keeps the output a
-  valid index even if the second pass rounds differently from the first.
+  ``max_i( min(s_i - (m - band), 0) * 2**60 - i )``, whose value is ``-i*`` for the lowest index i* with
+  ``s_i >= m - band``. Both passes are dot + elementwise + reduce_max, which XLA:CPU fuses. ``band`` is
+  16 float32 ulps of the scores' scale (``eps * (|x| max_j |y_j| + max |h|)``, padded and masked targets excluded): the two passes may round
+  differently, so scores that close to the max count as ties and the lowest such index wins. The result is
+  therefore the float32 argmax up to rounding-level near-ties. Optimisation barriers keep both passes at
+  run time and stop XLA from merging them into one materialised tile; a final clip keeps the index valid.
 
 All functions are pure and jit-able; the caller jits. Shapes are static, so the tile loop is a ``lax.scan``.
 """
@@ -41,6 +42,9 @@ Method = Literal["auto", "fused", "argmax"]
 
 # Scale that separates "score equals the max" from "score is below the max" in the fused pass 2.
 _SEPARATION = float(2.0**60)
+# Width of the "equals the max" band of the fused pass 2, in units of eps * |x| max|y| + max|h|, a bound on
+# the scale of the scores' rounding error.
+_BAND_ULPS = 16.0
 # Heights of padded (non-existent) targets: finite, so that max - pad stays finite.
 _PAD_HEIGHT = -1e30
 
@@ -68,6 +72,10 @@ def _tile_argmax(
     x: jax.Array, y: jax.Array, h: jax.Array, method: str
 ) -> Tuple[jax.Array, jax.Array]:
   """Max and argmax of the scores of one [Mc, T] tile. Returns ([Mc] float, [Mc] int32)."""
+  if method != "argmax":
+    # Both passes must round alike: without this barrier XLA constant-folds pass 1 when x and y are
+    # compile-time constants (e.g. a DiscreteSource closed over in a jitted function) but not pass 2.
+    x, y, h = jax.lax.optimization_barrier((x, y, h))
   s = jnp.matmul(x, y.T) + h[None, :]
   best = jnp.max(s, axis=1)
   if method == "argmax":
@@ -76,8 +84,15 @@ def _tile_argmax(
   # The barrier stops XLA from merging the two identical matmuls into one materialised [Mc, T] tile.
   x2, y2, h2, best2 = jax.lax.optimization_barrier((x, y, h, best))
   s2 = jnp.matmul(x2, y2.T) + h2[None, :]
-  packed = jnp.minimum(s2 - best2[:, None], 0.0) * _SEPARATION - iota[None, :]
-  idx = (-jnp.max(packed, axis=1)).astype(jnp.int32)
+  # Scores within a rounding band of the max count as attaining it (the two passes may round differently
+  # when XLA picks different kernels for them, e.g. a matrix-vector product for a one-row chunk).
+  band = _BAND_ULPS * jnp.finfo(s.dtype).eps * (
+      jnp.linalg.norm(x2, axis=1) * jnp.max(jnp.linalg.norm(y2, axis=1))
+      + jnp.max(jnp.where(h2 > 0.5 * _PAD_HEIGHT, jnp.abs(h2), 0.0))
+  )
+  packed = jnp.minimum(s2 - (best2 - band)[:, None], 0.0) * _SEPARATION - iota[None, :]
+  # Exact arithmetic gives an index in [0, T); the clip only guards against a pathological pass-2 rounding.
+  idx = jnp.clip(-jnp.max(packed, axis=1), 0, y.shape[0] - 1).astype(jnp.int32)
   return best, idx
 
 

@@ -276,6 +276,7 @@ class SolverState:
     h: Array of shape [n], mean-centred heights.
     opt_state: Adam state (moments of shape [n]).
     window_hist: Array of shape [n], histogram accumulated over the current window.
+    window_batch_error: scalar, sum of the per-step batch L1 errors over the current window.
     best_window_error: scalar, lowest window error of the current stage.
     converged: scalar bool, the window L1 error fell below ``tol``.
     diverged: scalar bool, a non-finite value appeared (the run stops; h keeps its last finite value).
@@ -290,6 +291,7 @@ class SolverState:
   h: jax.Array
   opt_state: Any
   window_hist: jax.Array
+  window_batch_error: jax.Array
   best_window_error: jax.Array
   converged: jax.Array
   diverged: jax.Array
@@ -316,10 +318,17 @@ class BrenierSolver:
     lr_decay: step-size factor between stages.
     window: steps per window; marginal errors are averaged over a window for the convergence test and the
       stall test.
-    tol: stop when the window-averaged L1 marginal error is below this.
+    tol: stop when the L1 marginal error is below this: both the window-averaged histogram's error and the
+      current heights' per-step errors (mean over the window) must be consistent with ``tol`` given the
+      batch's sampling noise (mean batch error <= sqrt(tol^2 + floor^2), floor = :func:`noise_floor_l1`, 0 for
+      a full-support :class:`~lsot_jax.sources.DiscreteSource` batch, whose gradient is exact).
+      The second test stops an Adam oscillation whose swings cancel in the average from passing as
+      converged.
     stall_ratio: a stage ends when a window's error is not below ``stall_ratio`` times the stage's best.
     floor_factor: a stage also ends when a window's error is below ``floor_factor`` times its noise floor.
     initialisation: ``"voronoi"`` (h = -|y|^2 / 2, the Voronoi diagram of the codes) or ``"zero"``.
+    extra_decays: stages appended after the largest batch, each one more ``lr_decay`` step at that batch
+      (the step size keeps shrinking when progress stalls, e.g. with an exact full-batch gradient).
     b1: Adam first-moment decay.
     b2: Adam second-moment decay.
     tile_size: targets per tile in the assignment kernel.
@@ -337,6 +346,7 @@ class BrenierSolver:
   tol: float = dataclasses.field(default=0.05, metadata=dict(static=True))
   stall_ratio: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   floor_factor: float = dataclasses.field(default=1.5, metadata=dict(static=True))
+  extra_decays: int = dataclasses.field(default=12, metadata=dict(static=True))
   initialisation: str = dataclasses.field(default="voronoi", metadata=dict(static=True))
   b1: float = dataclasses.field(default=0.9, metadata=dict(static=True))
   b2: float = dataclasses.field(default=0.99, metadata=dict(static=True))
@@ -362,7 +372,7 @@ class BrenierSolver:
     sizes = [self.batch_size]
     while sizes[-1] < self.max_batch_size:
       sizes.append(min(sizes[-1] * self.growth, self.max_batch_size))
-    return tuple(sizes)
+    return tuple(sizes) + (sizes[-1],) * self.extra_decays
 
   def _optimizer(self) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=self.b1, b2=self.b2)
@@ -386,6 +396,7 @@ class BrenierSolver:
         h=h,
         opt_state=self._optimizer().init(h),
         window_hist=jnp.zeros((n,), jnp.float32),
+        window_batch_error=jnp.zeros((), jnp.float32),
         best_window_error=jnp.asarray(jnp.inf, jnp.float32),
         converged=jnp.zeros((), bool),
         diverged=jnp.zeros((), bool),
@@ -447,8 +458,15 @@ class BrenierSolver:
     window_errors = jnp.where(
         end_of_window, state.window_errors.at[window_index].set(window_error), state.window_errors
     )
-    converged = end_of_window & (window_error < self.tol)
-    floor = noise_floor_l1(nu, batch * self.window)
+    window_batch_error = state.window_batch_error + batch_error
+    exact_batch = (
+        isinstance(problem.source, sources_lib.DiscreteSource)
+        and batch == problem.source.num_points
+    )
+    step_floor = 0.0 if exact_batch else noise_floor_l1(nu, batch)
+    per_step_ok = window_batch_error / self.window <= jnp.sqrt(self.tol**2 + step_floor**2)
+    converged = end_of_window & (window_error < self.tol) & per_step_ok
+    floor = 0.0 if exact_batch else noise_floor_l1(nu, batch * self.window)
     stalled = (window_error >= self.stall_ratio * state.best_window_error) | (
         window_error < self.floor_factor * floor
     )
@@ -464,6 +482,7 @@ class BrenierSolver:
         h=jnp.where(finite, h_new, state.h),
         opt_state=jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state, state.opt_state),
         window_hist=jnp.where(end_of_window, jnp.zeros_like(window_hist), window_hist),
+        window_batch_error=jnp.where(end_of_window, 0.0, window_batch_error),
         best_window_error=best_window_error,
         converged=converged,
         diverged=~finite,
