@@ -39,7 +39,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO.
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every save; TFDS warns on probes.
   try:
     metrics = pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value, overwrite=_OVERWRITE.value,
                            log=lambda line: print(line, flush=True))

@@ -23,9 +23,11 @@ Guarantees:
 * A finished stage writes ``<stage>/DONE.json`` and is skipped on rerun. An interrupted stage resumes from
   its last checkpoint; every random key is ``fold_in`` of the config seed, a per-stage salt and the step (or
   the method and sample seed), so a resumed run ends with the same metrics as an uninterrupted one.
+* The data is loaded before anything is written, so missing data fails fast and leaves no trace.
 * ``workdir/config.json`` holds the config. A rerun with a different config raises
-  :class:`ConfigMismatchError` naming the differing fields, unless ``overwrite=True``, which moves the old
-  workdir aside (``<workdir>.old-<timestamp>``); nothing is deleted.
+  :class:`ConfigMismatchError` naming the differing fields (``data.data_dir``, a location, may change),
+  unless ``overwrite=True``, which moves the old workdir aside (``<workdir>.old-<timestamp>``); nothing is
+  deleted.
 * Each model stage also records the architecture it was trained with (``<stage>/spec.json``); a config whose
   latent dimension (or architecture, or dataset) differs from a restored checkpoint is refused before any
   work starts.
@@ -112,6 +114,8 @@ _DONE = "DONE.json"
 _SPEC = "spec.json"
 _CONFIG = "config.json"
 _METRICS = "metrics.json"
+# Fields that say where things are, not what is computed: they may change between reruns of one workdir.
+_LOCATION_FIELDS = ("data.data_dir",)
 
 
 class PipelineError(RuntimeError):
@@ -185,6 +189,8 @@ def default_config() -> ml_collections.ConfigDict:
     eval.feature_space: ``"points"`` (toys), ``"classifier"`` (penultimate layer of a classifier trained on
       the same dataset) or ``"pixels"`` (average-pooled by ``pixel_pool``; for unlabelled data).
     eval.num_real: held-out examples the samples are compared with (0: the whole test split).
+    eval.sinkhorn_points: the Sinkhorn divergence uses the first this many samples and held-out points (its
+      cost matrix is dense: O(points^2) memory and time).
     eval.k: neighbours for precision/recall/density/coverage.
     eval.classifier_*: classifier training; ``classifier_dir`` shares a cached classifier between runs.
   """
@@ -234,6 +240,7 @@ def default_config() -> ml_collections.ConfigDict:
       metrics=("mode_coverage", "sinkhorn"),
       feature_space="points",
       num_real=0,
+      sinkhorn_points=2000,
       k=5,
       pixel_pool=1,
       classifier_epochs=2,
@@ -342,9 +349,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "use 'points' for the toy sets and 'classifier' or 'pixels' for images")
   if "mode_coverage" in metric_names and not toy:
     bad("eval.metrics", metric_names, "'mode_coverage' needs a toy set (ring or grid)")
-  if ev.k < 1 or ev.pixel_pool < 1 or ev.num_real < 0:
-    bad("eval", dict(k=ev.k, pixel_pool=ev.pixel_pool, num_real=ev.num_real),
-        "need k >= 1, pixel_pool >= 1, num_real >= 0")
+  if ev.k < 1 or ev.pixel_pool < 1 or ev.num_real < 0 or ev.sinkhorn_points < 2:
+    bad("eval", dict(k=ev.k, pixel_pool=ev.pixel_pool, num_real=ev.num_real, sinkhorn_points=ev.sinkhorn_points),
+        "need k >= 1, pixel_pool >= 1, num_real >= 0, sinkhorn_points >= 2")
   needed = {"prdc": ev.k + 1, "frechet": 2, "sinkhorn": 2, "memorisation": 1, "sliced_wasserstein": 2,
             "mode_coverage": 1}
   for name in metric_names:
@@ -406,7 +413,7 @@ def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, o
     if stored is None:
       raise PipelineError(f"{path} is unreadable; restore it, or use --overwrite (the old run is moved aside, "
                           "not deleted) or a new --workdir.")
-    diff = config_diff(stored, plain)
+    diff = [d for d in config_diff(stored, plain) if d[0] not in _LOCATION_FIELDS]
     if diff:
       shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:10])
       more = f" (and {len(diff) - 10} more)" if len(diff) > 10 else ""
@@ -875,16 +882,17 @@ def _pixel_features(pool: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optional[np.ndarray], *,
-                      means: Optional[np.ndarray], std: Optional[float], k: int
+                      means: Optional[np.ndarray], std: Optional[float], k: int, sinkhorn_points: int
                       ) -> Callable[[np.ndarray, jax.Array], Dict[str, float]]:
   """``evaluate(fake [M, F], key) -> {name: float}``, with each JAX metric jitted once for all methods.
 
-  The Sinkhorn divergence uses one epsilon for every method, 10 % of the held-out set's total variance
-  (:func:`lsot_jax.metrics.default_sinkhorn_epsilon` applied to the reference set twice), so the methods'
-  values are comparable.
+  The Sinkhorn divergence compares the first ``sinkhorn_points`` of each set, with one epsilon for every
+  method, 10 % of the held-out set's total variance (:func:`lsot_jax.metrics.default_sinkhorn_epsilon` of
+  the reference set with itself), so the methods' values are comparable.
   """
   real = jnp.asarray(real, jnp.float32)
   eps = metrics_lib.default_sinkhorn_epsilon(real, real)
+  num_sk = int(sinkhorn_points)
   prdc = jax.jit(lambda a, b: metrics_lib.precision_recall_density_coverage(a, b, k))
   sinkhorn = jax.jit(lambda a, b: metrics_lib.sinkhorn_divergence(a, b, eps))
   sliced = jax.jit(lambda a, b, key: metrics_lib.sliced_wasserstein(a, b, key, 128))
@@ -901,7 +909,7 @@ def _metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optio
       elif name == "prdc":
         out.update({n: float(v) for n, v in prdc(real, jnp.asarray(fake)).items()})
       elif name == "sinkhorn":
-        out["sinkhorn"] = float(sinkhorn(jnp.asarray(fake), real))
+        out["sinkhorn"] = float(sinkhorn(jnp.asarray(fake[:num_sk]), real[:num_sk]))
       elif name == "sliced_wasserstein":
         out["sliced_wasserstein"] = float(sliced(jnp.asarray(fake), real, key))
       elif name == "memorisation":
@@ -938,7 +946,8 @@ def _stage_eval(r: _Run) -> Dict[str, Any]:
   train_x = r.dataset("train").x
   train_feats = features(train_x) if "memorisation" in names else None
   means, std = data_lib.toy_modes(cfg.data.name) if r.is_points else (None, None)
-  evaluate = _metric_evaluator(names, real, train_feats, means=means, std=std, k=int(cfg.eval.k))
+  evaluate = _metric_evaluator(names, real, train_feats, means=means, std=std, k=int(cfg.eval.k),
+                               sinkhorn_points=int(cfg.eval.sinkhorn_points))
   results: Dict[str, Dict[str, float]] = {}
   for method in cfg.sample.methods:
     cache = r.dir("eval", "methods") / f"{method}.json"
@@ -1026,9 +1035,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
     raise PipelineError(f"Unknown stage {stage!r}; valid stages: {', '.join(STAGES)}.")
   validate_config(config)
   workdir_path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
+  r = _Run(config, workdir_path, log)
+  if stage != "report":
+    r.dataset("train")  # Missing data fails here, before the workdir is touched.
+    r.dataset("test")
   _prepare_workdir(workdir_path, config, overwrite, log)
   _check_specs(workdir_path, config)
-  r = _Run(config, workdir_path, log)
   selected = STAGES if stage is None else (stage,)
   if stage is not None:
     missing = [s for s in STAGES[:STAGES.index(stage)] if not _is_done(r, s)]

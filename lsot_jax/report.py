@@ -134,11 +134,14 @@ def save_scatter(path: os.PathLike | str, points: np.ndarray, *, means: Optional
   if points.ndim != 2 or points.shape[1] != 2:
     raise ValueError(f"points must have shape [N, 2], got {points.shape}.")
   fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-  if reference is not None:
-    ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.8", label="data", linewidths=0)
-  ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:blue", label="samples", linewidths=0)
   if means is not None:
-    ax.scatter(means[:, 0], means[:, 1], s=40, c="tab:red", marker="x", label="mode centres")
+    ax.scatter(means[:, 0], means[:, 1], s=60, c="tab:red", marker="+", linewidths=0.7, label="mode centres",
+               zorder=1)
+  if reference is not None:
+    ax.scatter(reference[:, 0], reference[:, 1], s=3, c="0.7", label="data", linewidths=0, zorder=2)
+  ax.scatter(points[:, 0], points[:, 1], s=3, c="tab:blue", alpha=0.6, label="samples", linewidths=0,
+             zorder=3)
+  if means is not None:
     span = np.ptp(means, axis=0).max() if means.shape[0] > 1 else 1.0
     lo, hi = means.min(axis=0) - 0.25 * span, means.max(axis=0) + 0.25 * span
     ax.set_xlim(lo[0], hi[0])

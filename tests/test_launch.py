@@ -1,0 +1,201 @@
+"""launch.py end to end, as a user runs it (subprocesses): toy and image runs, kill -9 and resume, bad input.
+
+All runs share one persistent JAX compilation cache (per test session) so that only the first run of each
+program pays for XLA compilation.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RING = ["--config", "configs/eight_gaussians.py:smoke", "--config.ot.num_iterations=300",
+        "--config.ot.checkpoint_every=10"]
+FASHION = ["--config", "configs/fashion_mnist.py:smoke", "--config.ae.epochs=20",
+           "--config.sample.methods=('exact','extended','gaussian','vae')"]
+
+# Runs launch.py inside tfds.testing.mock_data: random images with the real dataset's features and splits.
+_MOCK_LAUNCHER = textwrap.dedent("""
+    import functools, sys
+    sys.path.insert(0, {repo!r})
+    import tensorflow_datasets as tfds
+    from absl import app
+
+    class _BoundGetitems(tfds.testing.PickableDataSourceMock):
+      # tfds 4.9.10 installs __getitems__ as an unbound partial; bind it to the mock.
+      def __setattr__(self, name, value):
+        if name == "__getitems__" and isinstance(value, functools.partial):
+          value = functools.partial(value, self)
+        super().__setattr__(name, value)
+
+    import launch
+    with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_CODE,
+                                mock_array_record_data_source=_BoundGetitems()):
+      sys.argv = ["launch.py"] + sys.argv[1:]
+      app.run(launch.main)
+""")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module")
+def mock_launcher(tmp_path_factory):
+  path = tmp_path_factory.mktemp("mock") / "mock_launch.py"
+  path.write_text(_MOCK_LAUNCHER.format(repo=str(REPO)))
+  return str(path)
+
+
+def _cmd(args, launcher=None):
+  return [sys.executable, launcher or str(REPO / "launch.py")] + list(args)
+
+
+def _launch(args, env, launcher=None, timeout=300):
+  return subprocess.run(_cmd(args, launcher), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _metrics(workdir):
+  return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+
+
+def _kill_after_first_checkpoint(args, env, ckpt_dir, done_marker, log_path, launcher=None):
+  """Starts a run, SIGKILLs it once ``ckpt_dir`` holds a committed step, and checks the stage was unfinished."""
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(_cmd(args, launcher), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 240
+  try:
+    while not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+      assert proc.poll() is None, f"run ended before its first checkpoint:\n{log_path.read_text()}"
+      assert time.monotonic() < deadline, "no checkpoint appeared"
+      time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not done_marker.exists(), "the stage finished before the kill; the test did not interrupt it"
+
+
+@pytest.fixture(scope="module")
+def ring_run(tmp_path_factory, env):
+  workdir = tmp_path_factory.mktemp("ring") / "run"
+  result = _launch(RING + ["--workdir", str(workdir)], env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return workdir, result
+
+
+def test_toy_end_to_end(ring_run):
+  workdir, result = ring_run
+  metrics = _metrics(workdir)
+  assert list(metrics["methods"]) == ["exact", "extended", "soft", "gaussian"]
+  # Exact samples are training points of the 8-mode ring; one Gaussian fitted to a ring misses the modes.
+  assert metrics["methods"]["exact"]["modes"] == 8
+  assert metrics["methods"]["gaussian"]["high_quality"] < 0.2
+  for rel in ("report.md", "report.html", "ot/convergence.png", "samples/exact.png", "samples/extended.png"):
+    assert (workdir / rel).is_file(), rel
+  assert "Traceback" not in result.stderr
+  assert f"report: {workdir}/report.md" in result.stdout
+
+
+def test_toy_rerun_skips_finished_stages(ring_run, env):
+  workdir, _ = ring_run
+  before = _metrics(workdir)
+  result = _launch(RING + ["--workdir", str(workdir)], env)
+  assert result.returncode == 0, result.stderr
+  for stage in ("ae", "encode", "ot", "sample", "eval"):
+    assert f"{stage}: already done, skipping" in result.stdout
+  assert _metrics(workdir)["methods"] == before["methods"]
+
+
+def test_kill_during_ot_then_resume_gives_the_same_metrics(ring_run, env, tmp_path):
+  reference, _ = ring_run
+  workdir = tmp_path / "run"
+  args = RING + ["--workdir", str(workdir)]
+  _kill_after_first_checkpoint(args, env, workdir / "ot" / "ckpt", workdir / "ot" / "DONE.json",
+                               tmp_path / "killed.log")
+  result = _launch(args, env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "ot: resuming from solver step" in result.stdout
+  assert _metrics(workdir)["methods"] == _metrics(reference)["methods"]
+  assert _metrics(workdir)["ot"]["iterations"] == _metrics(reference)["ot"]["iterations"]
+
+
+def test_workdir_with_other_config_is_refused(ring_run, env):
+  workdir, _ = ring_run
+  result = _launch(RING + ["--workdir", str(workdir), "--config.seed=1", "--config.sample.num_seeds=3"], env)
+  assert result.returncode == 1
+  assert "different config" in result.stderr and "seed: 0 -> 1" in result.stderr
+  assert "sample.num_seeds: 2 -> 3" in result.stderr and "--overwrite" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, env, mock_launcher):
+  workdir = tmp_path_factory.mktemp("fashion") / "run"
+  result = _launch(FASHION + ["--workdir", str(workdir)], env, launcher=mock_launcher)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return workdir
+
+
+def test_image_end_to_end_on_mock_tfds(image_run):
+  metrics = _metrics(image_run)
+  assert metrics["dataset"] == "fashion_mnist" and metrics["kind"] == "image"
+  assert set(metrics["methods"]) == {"exact", "extended", "gaussian", "vae"}
+  assert 0.0 <= metrics["classifier_test_accuracy"] <= 1.0
+  for row in metrics["methods"].values():
+    for name in ("frechet", "precision", "recall", "density", "coverage", "sinkhorn", "memorisation_rate"):
+      assert name in row
+  for rel in ("ae/recon.png", "samples/exact.png", "samples/vae.png", "samples/exact_nn.png", "report.html"):
+    assert (image_run / rel).is_file(), rel
+
+
+def test_kill_during_autoencoder_training_then_resume_gives_the_same_metrics(image_run, env, mock_launcher,
+                                                                            tmp_path):
+  workdir = tmp_path / "run"
+  args = FASHION + ["--workdir", str(workdir)]
+  _kill_after_first_checkpoint(args, env, workdir / "ae" / "ckpt", workdir / "ae" / "DONE.json",
+                               tmp_path / "killed.log", launcher=mock_launcher)
+  result = _launch(args, env, launcher=mock_launcher)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert _metrics(workdir)["methods"] == _metrics(image_run)["methods"]
+  assert _metrics(workdir)["ae"]["test_mse"] == _metrics(image_run)["ae"]["test_mse"]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.ot.bogus=1", "bogus"),
+    ("--config.ot.num_iterations=many", "num_iterations"),
+])
+def test_unknown_or_mistyped_config_field_fails_before_work(env, tmp_path, override, needle):
+  start = time.monotonic()
+  result = _launch(RING + ["--workdir", str(tmp_path / "w"), override], env)
+  assert result.returncode != 0
+  assert needle in result.stderr
+  assert not (tmp_path / "w").exists()
+  assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("config,command", [
+    ("configs/fashion_mnist.py:smoke", "tfds build fashion_mnist --file_format=array_record --data_dir=DIR"),
+    ("configs/mnist.py:smoke", "--config.data.data_dir=DIR"),
+])
+def test_missing_data_fails_fast_with_the_prepare_command(env, tmp_path, config, command):
+  empty = tmp_path / "no_data"
+  empty.mkdir()
+  start = time.monotonic()
+  result = _launch(["--config", config, "--workdir", str(tmp_path / "w"),
+                    f"--config.data.data_dir={empty}"], env)
+  assert result.returncode == 1
+  assert "launch.py: error:" in result.stderr and command in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w").exists()
+  assert time.monotonic() - start < 60
