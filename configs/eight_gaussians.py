@@ -30,7 +30,8 @@ def get_config(arg=None):
   config.ot.max_batch_size = 65536
   config.ot.tol = 0.05
   config.ot.checkpoint_every = 100
-  config.sample.methods = ("exact", "extended", "soft", "gaussian", "gmm", "sinkhorn", "wgan_gp")
+  config.sample.methods = ("exact", "extended", "soft", "ott_semidiscrete", "gaussian", "gmm", "sinkhorn",
+                           "wgan_gp")
   config.sample.num_samples = 2500
   config.sample.num_seeds = 10
   config.sample.gmm_components = 8

@@ -63,6 +63,7 @@ from lsot_jax import data as data_lib
 from lsot_jax import generate
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
+from lsot_jax import ott_interop
 from lsot_jax import report as report_lib
 from lsot_jax import solver as solver_lib
 from lsot_jax import sources
@@ -89,7 +90,7 @@ _LOG = logging.getLogger(__name__)
 
 STAGES = ("ae", "encode", "ot", "sample", "eval", "report")
 LSOT_METHODS = ("exact", "extended", "soft")
-BASELINE_METHODS = ("gaussian", "gmm", "sinkhorn", "wgan_gp", "vae")
+BASELINE_METHODS = ("gaussian", "gmm", "sinkhorn", "wgan_gp", "vae", "ott_semidiscrete")
 METHODS = LSOT_METHODS + BASELINE_METHODS
 METHOD_LABELS = {
     "exact": "LSOT exact",
@@ -100,6 +101,7 @@ METHOD_LABELS = {
     "sinkhorn": "AE + Sinkhorn map (ott)",
     "wgan_gp": "AE + latent WGAN-GP",
     "vae": "VAE",
+    "ott_semidiscrete": "LSOT exact, ott-jax SemidiscreteSolver",
 }
 AE_KINDS = ("identity", "mlp", "conv28", "conv64")
 FEATURE_SPACES = ("points", "classifier", "pixels")
@@ -184,13 +186,17 @@ def default_config() -> ml_collections.ConfigDict:
     sample.soft_temperature: temperature of ``soft`` in score units; None: ``soft_relative`` times the
       median gap between the best and second-best cell scores of source samples.
     sample.gmm_components / sinkhorn_max_codes / wgan_steps / wgan_batch_size / vae_epochs / vae_beta:
-      baseline settings.
+      baseline settings. ``ott_semidiscrete`` fits the same potential with ott-jax's SemidiscreteSolver
+      (``ot.num_iterations`` steps of ``ot.batch_size`` samples, the same relative step size) and samples it
+      with ``exact``: a solver comparison at equal generation.
     eval.metrics: names from :data:`lsot_jax.metrics.METRIC_NAMES`.
     eval.feature_space: ``"points"`` (toys), ``"classifier"`` (penultimate layer of a classifier trained on
       the same dataset) or ``"pixels"`` (average-pooled by ``pixel_pool``; for unlabelled data).
     eval.num_real: held-out examples the samples are compared with (0: the whole test split).
     eval.sinkhorn_points: the Sinkhorn divergence uses the first this many samples and held-out points (its
       cost matrix is dense: O(points^2) memory and time).
+    eval.memorisation_points: the memorisation rate uses the first this many samples, and as many held-out
+      points for its threshold, each against the whole training set.
     eval.k: neighbours for precision/recall/density/coverage.
     eval.classifier_*: classifier training; ``classifier_dir`` shares a cached classifier between runs.
   """
@@ -241,6 +247,7 @@ def default_config() -> ml_collections.ConfigDict:
       feature_space="points",
       num_real=0,
       sinkhorn_points=2000,
+      memorisation_points=2000,
       k=5,
       pixel_pool=1,
       classifier_epochs=2,
@@ -349,9 +356,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "use 'points' for the toy sets and 'classifier' or 'pixels' for images")
   if "mode_coverage" in metric_names and not toy:
     bad("eval.metrics", metric_names, "'mode_coverage' needs a toy set (ring or grid)")
-  if ev.k < 1 or ev.pixel_pool < 1 or ev.num_real < 0 or ev.sinkhorn_points < 2:
+  if ev.k < 1 or ev.pixel_pool < 1 or ev.num_real < 0 or ev.sinkhorn_points < 2 or ev.memorisation_points < 1:
     bad("eval", dict(k=ev.k, pixel_pool=ev.pixel_pool, num_real=ev.num_real, sinkhorn_points=ev.sinkhorn_points),
-        "need k >= 1, pixel_pool >= 1, num_real >= 0, sinkhorn_points >= 2")
+        "need k >= 1, pixel_pool >= 1, num_real >= 0, sinkhorn_points >= 2, memorisation_points >= 1")
   needed = {"prdc": ev.k + 1, "frechet": 2, "sinkhorn": 2, "memorisation": 1, "sliced_wasserstein": 2,
             "mode_coverage": 1}
   for name in metric_names:
@@ -771,6 +778,17 @@ def _method_sampler(r: _Run, method: str, problem, potential, fit_key
   if method == "wgan_gp":
     params = baselines.train_wgan_gp(fit_key, codes, int(sm.wgan_steps), batch_size=int(sm.wgan_batch_size))
     return jax.jit(lambda key: baselines.sample_wgan_gp(params, key, num)), "ae", {}
+  if method == "ott_semidiscrete":
+    ot = r.config.ot
+    solve = jax.jit(lambda key: ott_interop.ott_semidiscrete_solve(
+        key, problem, num_iterations=int(ot.num_iterations), batch_size=int(ot.batch_size),
+        learning_rate=2.0 * problem.scale * float(ot.learning_rate))[0].h)
+    h_ott = solve(fit_key)
+    pot_ott = dataclasses.replace(potential, h=h_ott)
+    errs = pot_ott.marginal_errors(r.key(_SALT_MARGINAL), source, problem.weights, int(ot.marginal_samples))
+    info = {"marginal_l1": float(errs["l1"]), "marginal_noise_floor": float(errs["noise_floor"])}
+    fn = jax.jit(lambda key: generate.generate("exact", key, source, y, h_ott, num))
+    return fn, "ae", info
   if method == "vae":
     _train_vae(r)
     dim = int(r.config.ae.latent_dim)
@@ -882,8 +900,8 @@ def _pixel_features(pool: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optional[np.ndarray], *,
-                      means: Optional[np.ndarray], std: Optional[float], k: int, sinkhorn_points: int
-                      ) -> Callable[[np.ndarray, jax.Array], Dict[str, float]]:
+                      means: Optional[np.ndarray], std: Optional[float], k: int, sinkhorn_points: int,
+                      memorisation_points: int) -> Callable[[np.ndarray, jax.Array], Dict[str, float]]:
   """``evaluate(fake [M, F], key) -> {name: float}``, with each JAX metric jitted once for all methods.
 
   The Sinkhorn divergence compares the first ``sinkhorn_points`` of each set, with one epsilon for every
@@ -892,7 +910,7 @@ def _metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optio
   """
   real = jnp.asarray(real, jnp.float32)
   eps = metrics_lib.default_sinkhorn_epsilon(real, real)
-  num_sk = int(sinkhorn_points)
+  num_sk, num_mem = int(sinkhorn_points), int(memorisation_points)
   prdc = jax.jit(lambda a, b: metrics_lib.precision_recall_density_coverage(a, b, k))
   sinkhorn = jax.jit(lambda a, b: metrics_lib.sinkhorn_divergence(a, b, eps))
   sliced = jax.jit(lambda a, b, key: metrics_lib.sliced_wasserstein(a, b, key, 128))
@@ -913,7 +931,7 @@ def _metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optio
       elif name == "sliced_wasserstein":
         out["sliced_wasserstein"] = float(sliced(jnp.asarray(fake), real, key))
       elif name == "memorisation":
-        out["memorisation_rate"] = float(memo(jnp.asarray(fake), train_feats, real))
+        out["memorisation_rate"] = float(memo(jnp.asarray(fake[:num_mem]), train_feats, real[:num_mem]))
       else:
         raise ValueError(f"Unknown metric {name!r}.")
     return out
@@ -947,7 +965,8 @@ def _stage_eval(r: _Run) -> Dict[str, Any]:
   train_feats = features(train_x) if "memorisation" in names else None
   means, std = data_lib.toy_modes(cfg.data.name) if r.is_points else (None, None)
   evaluate = _metric_evaluator(names, real, train_feats, means=means, std=std, k=int(cfg.eval.k),
-                               sinkhorn_points=int(cfg.eval.sinkhorn_points))
+                               sinkhorn_points=int(cfg.eval.sinkhorn_points),
+                               memorisation_points=int(cfg.eval.memorisation_points))
   results: Dict[str, Dict[str, float]] = {}
   for method in cfg.sample.methods:
     cache = r.dir("eval", "methods") / f"{method}.json"

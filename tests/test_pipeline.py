@@ -71,11 +71,14 @@ def test_too_few_samples_for_knn_metric_is_refused(tmp_path):
 def test_end_to_end_then_rerun_skips_every_stage(tmp_path):
   workdir = tmp_path / "run"
   lines = []
-  metrics = pipeline.run(_tiny_config(), workdir, log=lines.append)
-  # Exact samples are training points: all 8 modes, and (as for the data) nearly all within 3 std. A single
-  # Gaussian fitted to a ring of radius 1 with std 0.01 puts almost nothing within 0.03 of a mode.
-  assert metrics["methods"]["exact"]["modes"] == 8
-  assert metrics["methods"]["exact"]["high_quality"] > 0.9
+  config = _tiny_config(sample__methods=("exact", "gaussian", "ott_semidiscrete"))
+  metrics = pipeline.run(config, workdir, log=lines.append)
+  # Exact samples are training points: all 8 modes, and (as for the data) nearly all within 3 std; the same
+  # holds for the ott-jax-fitted potential. A single Gaussian fitted to a ring of radius 1 with std 0.01 puts
+  # almost nothing within 0.03 of a mode.
+  for method in ("exact", "ott_semidiscrete"):
+    assert metrics["methods"][method]["modes"] == 8
+    assert metrics["methods"][method]["high_quality"] > 0.9
   assert metrics["methods"]["gaussian"]["high_quality"] < 0.2
   assert metrics["methods"]["exact"]["num_seeds"] == 2 and "modes_se" in metrics["methods"]["exact"]
   for rel in ("config.json", "metrics.json", "report.md", "report.html", "ot/history.json",
@@ -87,7 +90,7 @@ def test_end_to_end_then_rerun_skips_every_stage(tmp_path):
   assert "| LSOT exact | 8 ± 0 |" in md and "ot/convergence.png" in md
 
   lines.clear()
-  again = pipeline.run(_tiny_config(), workdir, log=lines.append)
+  again = pipeline.run(config, workdir, log=lines.append)
   assert again["methods"] == metrics["methods"]
   for stage in ("ae", "encode", "ot", "sample", "eval"):
     assert f"{stage}: already done, skipping" in lines
