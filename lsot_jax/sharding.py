@@ -14,6 +14,14 @@ counts only the points whose cell it owns, so the histogram -- the gradient -- s
 Adam step is elementwise. The rest of the solver step (mean-centring, the marginal-error sums) is partitioned
 by XLA's SPMD partitioner from the input shardings: its sums over cells become all-reduces (psums).
 
+Equality with one device. The kernel's argmax is the float32 argmax up to rounding-level near-ties
+(scores within a 16-ulp band of a tile's max count as ties; the band depends on the tile), and tiles are
+combined by an exact max, lowest tile on exact ties -- the same rule as the pmax / pmin above. So the sharded
+assignment equals the single-device one whose tiles coincide with the shards (``tile_size = n_padded /
+devices``; bit for bit when the matmuls round alike), and any other tiling differs only on rounding-level
+near-ties. A Monte-Carlo solve is chaotic in those: one flipped sample changes a histogram by 1/M, so two
+long runs with different tilings agree to noise level rather than to float tolerance.
+
 Uneven n. Shards must have equal size, so :func:`pad_problem` appends targets of weight 0 (code 0). The
 solver already treats weight-0 targets as non-existent (height -1e30, excluded from the mean and the errors),
 so the padded problem has the same solution; :func:`solve_sharded` cuts the padding off again.
@@ -361,7 +369,10 @@ def solve_sharded(
     *,
     axis_name: Optional[str] = None,
 ) -> Tuple[solver_lib.BrenierPotential, solver_lib.SolverState]:
-  """Solves ``problem`` with the targets sharded over ``mesh``; same result as ``jax.jit(solver)(rng, problem)``.
+  """Solves ``problem`` with the targets sharded over ``mesh``, like ``jax.jit(solver)(rng, problem)``.
+
+  The result equals the single-device solver's with the same key and ``tile_size = n_padded / devices`` to
+  float tolerance (see the module docstring for other tilings).
 
   Pads, places and jits internally (an entry point, like ``launch.py``'s stages); the returned potential
   and state have the original n targets and live on the mesh's devices.

@@ -57,13 +57,18 @@ def test_vmapped_scan_equals_one_by_one_and_exact_eval(problem, tmp_path):
   expected = _one_by_one(problem, settings, **_BASE)
   np.testing.assert_allclose(res.h, expected, atol=1e-4)
   assert not np.allclose(expected[0], expected[2], atol=1e-2)  # the settings do differ
-  # Final marginal error: the evaluation sample is the whole point cloud, so this is exact (float64 NumPy).
+  # Final marginal error: the evaluation sample is the whole point cloud, so this is exact (float64 NumPy)
+  # up to the samples whose two best scores are within float32 rounding (the kernel may break those ties
+  # either way; each such sample can move the L1 error by 2 / 4000).
   points = np.asarray(problem.source.points, np.float64)
   y = np.asarray(problem.y, np.float64)
   for row, h in zip(res.rows, res.h):
-    idx = np.argmax(points @ y.T + h.astype(np.float64)[None, :], axis=1)
-    l1 = np.abs(np.bincount(idx, minlength=40) / 4000 - np.asarray(problem.weights)).sum()
-    assert row["l1"] == pytest.approx(l1, abs=1e-5)
+    s = points @ y.T + h.astype(np.float64)[None, :]
+    top2 = np.sort(s, axis=1)[:, -2:]
+    near_ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4))
+    assert near_ties <= 4
+    l1 = np.abs(np.bincount(np.argmax(s, axis=1), minlength=40) / 4000 - np.asarray(problem.weights)).sum()
+    assert row["l1"] == pytest.approx(l1, abs=2 * near_ties / 4000 + 1e-5)
     assert row["quality"] == pytest.approx(float(h.max()), rel=1e-6)
     assert row["iterations"] == 40 and row["converged"] is False and row["diverged"] is False
   # Outputs: CSV round trip, markdown table, a readable PNG.

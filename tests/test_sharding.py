@@ -5,6 +5,7 @@ process already runs JAX on one CPU device, so they run in ONE subprocess (this 
 ``_CHILD_CHECKS``), which reports each check's outcome as JSON; each test below asserts one of them.
 References are independent: a float64 NumPy argmax / bincount, and the single-device solver and optax step.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -87,13 +88,18 @@ def check_cell_masses_sharded_like_h():
   assert len(w.addressable_shards) == _NUM_DEVICES and w.addressable_shards[0].data.shape == (n // 4,)
 
 
+def _single_device_twin(solver, n):
+  """The single-device solver whose kernel tiles coincide with the shards (see sharding's docstring)."""
+  return dataclasses.replace(solver, tile_size=sharding.padded_size(n, _NUM_DEVICES) // _NUM_DEVICES)
+
+
 def check_solve_equals_single_device():
   mesh = sharding.make_mesh(_NUM_DEVICES)
   for n in (203, 256):
     y = 2.0 * jax.random.normal(jax.random.key(1), (n, 8))
     problem = solver_lib.make_problem(y, source=sources.Gaussian(dim=8))
     solver = solver_lib.BrenierSolver(num_iterations=40, batch_size=1024, max_batch_size=4096, window=5)
-    pot0, st0 = jax.jit(solver)(jax.random.key(3), problem)
+    pot0, st0 = jax.jit(_single_device_twin(solver, n))(jax.random.key(3), problem)
     pot1, st1 = sharding.solve_sharded(jax.random.key(3), problem, solver, mesh)
     assert pot1.h.shape == (n,) and st1.h.shape == (n,) and int(st1.it) == int(st0.it) == 40
     assert int(st1.stage) == int(st0.stage) >= 1  # the stage schedule is followed identically
@@ -117,7 +123,7 @@ def check_solve_with_weights_and_h_init():
   problem = solver_lib.make_problem(y, weights, sources.UniformCube(dim=3))
   solver = solver_lib.BrenierSolver(num_iterations=30, batch_size=2048, max_batch_size=2048)
   h_init = jnp.asarray(rng.normal(size=30).astype(np.float32))
-  pot0, _ = jax.jit(solver)(jax.random.key(5), problem, h_init)
+  pot0, _ = jax.jit(_single_device_twin(solver, 30))(jax.random.key(5), problem, h_init)
   pot1, _ = sharding.solve_sharded(jax.random.key(5), problem, solver, mesh, h_init)
   np.testing.assert_allclose(np.asarray(pot1.h), np.asarray(pot0.h), atol=1e-4)
   assert float(pot1.h[7]) == float(pot1.h[11]) == float(np.float32(-1e30))
