@@ -11,8 +11,21 @@ Command:
   python launch.py --config configs/mnist.py --workdir runs/mnist         # what `make run` does
   python launch.py --config configs/mnist.py:smoke --workdir /tmp/mnist_smoke   # about a minute
 
-Expected runtime (2-core CPU, measured): see README; budget about 15 minutes.
-Expected metrics: see README (LSOT extended vs VAE, AE + Gaussian, AE + GMM in the same feature space).
+Expected runtime (2-core CPU, measured on a shared machine with load average ~6): 7.5 minutes in all
+(autoencoder 147 s, OT 71 s = 280 solver steps to tol, sampling 127 s of which the VAE baseline 54 s,
+evaluation 102 s including the classifier).
+Expected metrics (seed 0, measured; classifier test accuracy 0.986, AE held-out MSE 0.0114, OT L1 marginal
+error 0.199 against a Monte-Carlo noise floor of 0.156):
+
+  method           Frechet  precision  recall  density  coverage  Sinkhorn  memorisation
+  LSOT exact         9.07     0.972    0.599    1.36     0.895     41.6      0.737
+  LSOT extended      8.95     0.972    0.578    1.43     0.910     40.1      0.729
+  LSOT soft         10.4      0.970    0.575    1.42     0.918     37.2      0.643
+  AE + Gaussian     65.4      0.807    0.615    0.485    0.319    104.6      0.053
+  AE + GMM          19.2      0.930    0.639    0.973    0.789     47.1      0.407
+  AE + Sinkhorn     35.5      0.960    0.269    1.24     0.734     63.6      0.460
+  AE + WGAN-GP      52.3      0.828    0.519    0.521    0.371     89.2      0.088
+  VAE              105.6      0.864    0.523    0.579    0.229    137.3      0.033
 """
 from lsot_jax import pipeline
 
