@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from lsot_jax import kernels
+
 __all__ = [
     "MODES",
     "default_angle_threshold",
@@ -172,12 +174,13 @@ def exact(
     tile_size: codes per tile (static); at most [chunk_size, tile_size] scores exist at once.
 
   Returns:
-    Array of shape [M, d]: rows of y (the lowest index wins exact ties).
+    Array of shape [M, d]: rows of y (the lowest index wins ties, see :func:`lsot_jax.kernels.assign`,
+    which computes the assignment).
   """
   _check_inputs(z, y, h)
   _check_sizes(chunk_size, tile_size)
-  _, idx = top_k_cells(z, y, h, 1, chunk_size=chunk_size, tile_size=tile_size)
-  return y[idx[:, 0]]
+  idx, _ = kernels.assign(z, y, h, tile_size=tile_size, row_chunk=chunk_size)
+  return y[idx]
 
 
 def facet_normals(y: jax.Array) -> jax.Array:
