@@ -42,6 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import inspect
+import itertools
 import json
 import logging
 import os
@@ -55,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 from ml_collections import config_dict
 
 from lsot_jax import baselines
@@ -65,6 +70,8 @@ from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
 from lsot_jax import ott_interop
 from lsot_jax import report as report_lib
+from lsot_jax import scan as scan_lib
+from lsot_jax import sharding
 from lsot_jax import solver as solver_lib
 from lsot_jax import sources
 from lsot_jax import train
@@ -79,10 +86,13 @@ __all__ = [
     "METHOD_LABELS",
     "OTDiverged",
     "PipelineError",
+    "SCAN_FIELDS",
     "STAGES",
     "config_diff",
     "default_config",
+    "load_potential",
     "run",
+    "run_scan",
     "validate_config",
 ]
 
@@ -116,8 +126,11 @@ _DONE = "DONE.json"
 _SPEC = "spec.json"
 _CONFIG = "config.json"
 _METRICS = "metrics.json"
-# Fields that say where things are, not what is computed: they may change between reruns of one workdir.
-_LOCATION_FIELDS = ("data.data_dir",)
+# Fields that say where things are or run, not what is computed: they may change between reruns of one
+# workdir (a run may resume on another number of devices).
+_LOCATION_FIELDS = ("data.data_dir", "ae.num_devices", "ot.num_devices")
+# Fields that ``--scan`` may vary: the OT solver's settings and the seed of the solver's key.
+SCAN_FIELDS = ("seed",) + tuple(f"ot.{name}" for name in _SOLVER_FIELDS)
 
 
 class PipelineError(RuntimeError):
@@ -172,11 +185,19 @@ def default_config() -> ml_collections.ConfigDict:
     ae.epochs / batch_size / learning_rate / weight_decay / checkpoint_every: optax training (Adam);
       ``checkpoint_every`` in steps, 0 = every epoch.
     ae.code_penalty: weight of the mean squared code norm (no prior is forced on the codes).
+    ae.num_devices: devices the autoencoder training runs data-parallel on (batches sharded, parameters
+      replicated); 1: one device, 0: all of ``jax.devices()`` (every host's after multi-host start-up). It
+      may change between reruns of a workdir (training resumes on the new count).
     ot.source: source measure mu, ``"gaussian"`` or ``"uniform"`` (cube [-1, 1]^d).
     ot.num_codes: number of training codes the potential is fitted to (0: all; a seeded random subset
       otherwise); the baselines are fitted to the same codes.
     ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults).
     ot.checkpoint_every: solver steps between checkpoints.
+    ot.num_devices: devices the codes (and heights) of the OT fit are sharded over
+      (:mod:`lsot_jax.sharding`; n need not divide by it); 1: one device, 0: all of ``jax.devices()``.
+      Checkpoints hold the unsharded state, so a run may resume on another device count. The result equals
+      the one-device fit to float tolerance, except where the assignment kernel breaks rounding-level
+      near-ties differently (see :mod:`lsot_jax.sharding`).
     ot.marginal_samples: source samples for the final cell-mass (marginal error) check.
     sample.methods: generators to run, from :data:`METHODS`.
     sample.num_samples / num_seeds: samples per method and per seed; metrics are averaged over seeds.
@@ -219,6 +240,7 @@ def default_config() -> ml_collections.ConfigDict:
       weight_decay=0.0,
       code_penalty=0.0,
       checkpoint_every=0,
+      num_devices=1,
   ))
   c.ot = ml_collections.ConfigDict(dict(
       source="gaussian",
@@ -226,6 +248,7 @@ def default_config() -> ml_collections.ConfigDict:
       **{name: _SOLVER_DEFAULTS[name] for name in _SOLVER_FIELDS},
       checkpoint_every=100,
       marginal_samples=262144,
+      num_devices=1,
   ))
   c.sample = ml_collections.ConfigDict(dict(
       methods=("exact", "extended", "soft", "gaussian", "gmm", "sinkhorn", "wgan_gp"),
@@ -317,6 +340,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("epochs", "batch_size"):
     if ae[field] < 1:
       bad(f"ae.{field}", ae[field], "must be >= 1")
+  for section, name in ((ae, "ae"), (ot, "ot")):
+    if section.num_devices < 0:
+      bad(f"{name}.num_devices", section.num_devices, "must be >= 0 (1: one device, 0: all devices)")
   if ot.source not in ("gaussian", "uniform"):
     bad("ot.source", ot.source, "use 'gaussian' or 'uniform'")
   if ot.initialisation not in ("voronoi", "zero"):
@@ -467,6 +493,37 @@ def _write_spec(stage_dir: pathlib.Path, spec: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Devices.
+
+
+def _device_count(config: ml_collections.ConfigDict, field: str) -> int:
+  """The number of devices ``<field>`` (``ae.num_devices`` or ``ot.num_devices``) asks for, checked."""
+  section, name = field.split(".")
+  requested = int(config[section][name])
+  available = len(jax.devices())
+  if requested > available:
+    raise PipelineError(f"--config.{field}={requested}, but JAX sees only {available} device(s) "
+                        f"({jax.devices()[0].platform}); use at most {available}, or 0 for all of them.")
+  return requested or available
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
+  """Refuses device settings this machine (or this version of the training code) cannot honour."""
+  _device_count(config, "ot.num_devices")
+  if _device_count(config, "ae.num_devices") > 1 and config.ae.kind != "identity":
+    if "mesh" not in inspect.signature(train.train_autoencoder).parameters:
+      raise PipelineError("--config.ae.num_devices > 1 needs data-parallel autoencoder training "
+                          "(lsot_jax.train.train_autoencoder(..., mesh=...)), which this version lacks; "
+                          "use --config.ae.num_devices=1.")
+
+
+def _mesh(config: ml_collections.ConfigDict, field: str) -> Optional[jax.sharding.Mesh]:
+  """A 1-D mesh for ``<field>``, or None for one device."""
+  count = _device_count(config, field)
+  return sharding.make_mesh(count) if count > 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The run context.
 
 
@@ -564,9 +621,13 @@ def _stage_ae(r: _Run) -> Dict[str, Any]:
     return {"kind": "identity"}
   _write_spec(r.dir("ae"), _stage_specs(cfg)["ae"])
   ds = r.dataset("train")
+  mesh = _mesh(cfg, "ae.num_devices")
+  parallel = {} if mesh is None else {"mesh": mesh}
+  if mesh is not None:
+    r.log(f"ae: training data-parallel on {mesh.size} devices")
   graphdef, params, history = train.train_autoencoder(
       ds.x, r.ae_model_config(), str(r.dir("ae", "ckpt")), r.ae_train_config(cfg.ae.epochs),
-      code_penalty=float(cfg.ae.code_penalty), log_path=str(r.dir("ae") / "metrics.jsonl"))
+      code_penalty=float(cfg.ae.code_penalty), log_path=str(r.dir("ae") / "metrics.jsonl"), **parallel)
   r._ae = (graphdef, params)  # pylint: disable=protected-access
   test = r.dataset("test")
   fn = jax.jit(lambda x: models.decode(graphdef, params, models.encode(graphdef, params, x)))
@@ -666,6 +727,31 @@ def _restore_ot(r: _Run, problem, solver, require_complete: bool):
   return _unflat_state(template, flat)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_run(run: Callable[..., solver_lib.SolverState]) -> Callable[..., solver_lib.SolverState]:
+  """``jit`` of a solver class's ``run`` with the solver as an argument (a pytree: its static fields are part
+  of the cache key, the learning rate is traced), so that every ot stage of a process with the same solver
+  settings and shapes reuses one compilation."""
+  return jax.jit(run, static_argnames="num_steps")
+
+
+@functools.partial(jax.jit, static_argnames="num_samples")
+def _marginal_errors(potential: solver_lib.BrenierPotential, key: jax.Array, source: Any, weights: jax.Array,
+                     num_samples: int) -> Dict[str, jax.Array]:
+  """:meth:`BrenierPotential.marginal_errors`, compiled once per shape for every stage of a process."""
+  return potential.marginal_errors(key, source, weights, num_samples)
+
+
+def _place_state(state: solver_lib.SolverState, mesh: jax.sharding.Mesh) -> solver_lib.SolverState:
+  """Puts a padded solver state on the mesh: per-cell arrays sharded like the codes, the rest replicated."""
+  whole = NamedSharding(mesh, PartitionSpec())
+  cells = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+  placed = jax.device_put(state, whole)
+  per_cell = lambda a: jax.device_put(a, cells if jnp.ndim(a) else whole)  # pylint: disable=unnecessary-lambda-assignment
+  return dataclasses.replace(placed, h=per_cell(state.h), window_hist=per_cell(state.window_hist),
+                             opt_state=jax.tree.map(per_cell, state.opt_state))
+
+
 def _stage_ot(r: _Run) -> Dict[str, Any]:
   cfg = r.config
   _write_spec(r.dir("ot"), _stage_specs(cfg)["ot"])
@@ -675,14 +761,31 @@ def _stage_ot(r: _Run) -> Dict[str, Any]:
   if int(state.it):
     r.log(f"ot: resuming from solver step {int(state.it)}")
   rng = r.key(_SALT_OT)
-  run_chunk = jax.jit(solver.run, static_argnames="num_steps")
+  n = problem.num_targets
+  mesh = _mesh(cfg, "ot.num_devices")
+  if mesh is None:
+    run_problem, run_solver = problem, solver
+    to_device = from_device = lambda s: s  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    # The solver runs on the padded, sharded problem; checkpoints and the rest of the stage see the unpadded
+    # state (replicated), so a later run may resume on any device count.
+    run_problem = sharding.shard_problem(problem, mesh)
+    run_solver = sharding.make_sharded_solver(solver, mesh)
+    size = run_problem.num_targets
+    to_device = lambda s: _place_state(sharding.pad_state(s, size), mesh)  # pylint: disable=unnecessary-lambda-assignment
+    from_device = lambda s: sharding.replicate(mesh, sharding.unpad_state(s, n))  # pylint: disable=unnecessary-lambda-assignment
+    r.log(f"ot: {n} codes sharded over {mesh.size} devices ({size // mesh.size} per device)")
   chunk = int(cfg.ot.checkpoint_every)
+  run_fn = _jitted_run(type(run_solver).run)
+  run_chunk = lambda s: run_fn(run_solver, rng, run_problem, s, num_steps=chunk)  # pylint: disable=unnecessary-lambda-assignment
+  device_state = to_device(state)
   ckpt_dir = r.dir("ot", "ckpt")
   with checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=2) as ckpt:
     while True:
       finished = bool(state.converged) or int(state.it) >= solver.num_iterations
       if not finished:
-        state = run_chunk(rng, problem, state, num_steps=chunk)
+        device_state = run_chunk(device_state)
+        state = from_device(device_state)
       it = int(state.it)
       if bool(state.diverged) or not bool(jnp.all(jnp.isfinite(state.h))):
         raise OTDiverged(max(it - 1, 0), str(ckpt_dir), ckpt.latest_step())
@@ -696,8 +799,8 @@ def _stage_ot(r: _Run) -> Dict[str, Any]:
       r.log(f"ot: step {it}/{solver.num_iterations}, window L1 marginal error {float(last):.4f}, "
             f"batch {int(state.batch_sizes[it - 1])}")
   potential = solver.output(problem, state)
-  errs = potential.marginal_errors(r.key(_SALT_MARGINAL), problem.source, problem.weights,
-                                   int(cfg.ot.marginal_samples))
+  errs = _marginal_errors(potential, r.key(_SALT_MARGINAL), problem.source, problem.weights,
+                          num_samples=int(cfg.ot.marginal_samples))
   it = int(state.it)
   history = {
       "iterations": it,
@@ -785,7 +888,8 @@ def _method_sampler(r: _Run, method: str, problem, potential, fit_key
         learning_rate=2.0 * problem.scale * float(ot.learning_rate))[0].h)
     h_ott = solve(fit_key)
     pot_ott = dataclasses.replace(potential, h=h_ott)
-    errs = pot_ott.marginal_errors(r.key(_SALT_MARGINAL), source, problem.weights, int(ot.marginal_samples))
+    errs = _marginal_errors(pot_ott, r.key(_SALT_MARGINAL), source, problem.weights,
+                            num_samples=int(ot.marginal_samples))
     info = {"marginal_l1": float(errs["l1"]), "marginal_noise_floor": float(errs["noise_floor"])}
     fn = jax.jit(lambda key: generate.generate("exact", key, source, y, h_ott, num))
     return fn, "ae", info
@@ -1028,6 +1132,37 @@ _STAGE_FNS = {"ae": _stage_ae, "encode": _stage_encode, "ot": _stage_ot, "sample
               "eval": _stage_eval}
 
 
+def _open_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwrite: bool,
+              log: Callable[[str], None], load_data: bool = True) -> _Run:
+  """Checks the config, loads the data, then prepares (or checks) the workdir: the start of every entry."""
+  validate_config(config)
+  _check_devices(config)
+  workdir_path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
+  r = _Run(config, workdir_path, log)
+  if load_data:
+    r.dataset("train")  # Missing data fails here, before the workdir is touched.
+    r.dataset("test")
+  _prepare_workdir(workdir_path, config, overwrite, log)
+  _check_specs(workdir_path, config)
+  return r
+
+
+def _run_stage(r: _Run, name: str) -> None:
+  """Runs one stage unless it is done, and marks it done."""
+  if _is_done(r, name):
+    r.log(f"{name}: already done, skipping")
+    return
+  r.log(f"{name}: starting")
+  start = time.perf_counter()
+  out = _STAGE_FNS[name](r)
+  if name == "eval":
+    _write_metrics(r, out)
+    _mark_done(r, name, time.perf_counter() - start)
+  else:
+    _mark_done(r, name, time.perf_counter() - start, summary=out)
+  r.log(f"{name}: done in {time.perf_counter() - start:.1f}s")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Optional[str] = None,
         overwrite: bool = False, log: Optional[Callable[[str], None]] = None) -> Optional[Dict[str, Any]]:
   """Runs the pipeline (all stages, or one) in ``workdir``.
@@ -1052,14 +1187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
   log = log or _LOG.info
   if stage is not None and stage not in STAGES:
     raise PipelineError(f"Unknown stage {stage!r}; valid stages: {', '.join(STAGES)}.")
-  validate_config(config)
-  workdir_path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
-  r = _Run(config, workdir_path, log)
-  if stage != "report":
-    r.dataset("train")  # Missing data fails here, before the workdir is touched.
-    r.dataset("test")
-  _prepare_workdir(workdir_path, config, overwrite, log)
-  _check_specs(workdir_path, config)
+  r = _open_run(config, workdir, overwrite, log, load_data=stage != "report")
+  workdir_path = r.workdir
   selected = STAGES if stage is None else (stage,)
   if stage is not None:
     missing = [s for s in STAGES[:STAGES.index(stage)] if not _is_done(r, s)]
@@ -1069,20 +1198,167 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
   for name in selected:
     if name == "report":
       break
-    if _is_done(r, name):
-      log(f"{name}: already done, skipping")
-      continue
-    log(f"{name}: starting")
-    start = time.perf_counter()
-    out = _STAGE_FNS[name](r)
-    if name == "eval":
-      _write_metrics(r, out)
-      _mark_done(r, name, time.perf_counter() - start)
-    else:
-      _mark_done(r, name, time.perf_counter() - start, summary=out)
-    log(f"{name}: done in {time.perf_counter() - start:.1f}s")
+    _run_stage(r, name)
   metrics_path = workdir_path / _METRICS
   if stage in (None, "eval", "report") and _is_done(r, "eval"):
     md, html = report_lib.write_report(workdir_path)
     log(f"report: wrote {md} and {html}")
   return _read_json(metrics_path) if metrics_path.exists() else None
+
+
+def load_potential(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> solver_lib.BrenierPotential:
+  """The fitted Brenier potential of a finished ot stage in ``workdir`` (made with ``config``).
+
+  Returns:
+    :class:`lsot_jax.solver.BrenierPotential` with y of shape [n, d] (the OT codes) and h of shape [n].
+
+  Raises:
+    PipelineError: no finished ot stage, or a workdir of another config.
+  """
+  r = _open_run(config, workdir, overwrite=False, log=_LOG.info, load_data=False)
+  problem, solver = _ot_setup(r)
+  return solver.output(problem, _restore_ot(r, problem, solver, require_complete=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyperparameter scans of the OT fit.
+
+
+def _check_scan_specs(config: ml_collections.ConfigDict,
+                      specs: Sequence[str] | Sequence[scan_lib.ScanSpec]) -> List[scan_lib.ScanSpec]:
+  """Parses the specs and checks every setting as a config, before any work.
+
+  Returns:
+    ``[(field, values)]`` with the values as the config types them (e.g. ``ot.learning_rate=1`` -> 1.0).
+  """
+  specs = list(specs)
+  if not specs:
+    raise PipelineError("Give at least one scan spec, e.g. --scan ot.learning_rate=0.1,0.3 --scan seed=0,1.")
+  try:
+    parsed = scan_lib.parse_scan_specs(specs) if isinstance(specs[0], str) else [
+        (f, list(v)) for f, v in specs]
+  except ValueError as e:
+    raise PipelineError(f"Bad --scan: {e}") from e
+  for field, _ in parsed:
+    if field not in SCAN_FIELDS:
+      raise PipelineError(
+          f"Cannot scan {field!r}: --scan varies the OT fit only, i.e. 'seed' (the solver's key) and "
+          f"{', '.join(SCAN_FIELDS[1:])}. Fields of the autoencoder (ae.*), the data, the codes "
+          "(ot.num_codes, ot.source), sampling or evaluation change other stages: run one workdir per value.")
+  typed: List[List[Any]] = [[] for _ in parsed]
+  for combo in itertools.product(*[values for _, values in parsed]):
+    trial = config.copy_and_resolve_references()
+    setting = dict(zip([f for f, _ in parsed], combo))
+    for field, value in setting.items():
+      try:
+        if field == "seed":
+          trial.seed = value
+        else:
+          trial.ot[field[len("ot."):]] = value
+      except (TypeError, ValueError) as e:
+        raise PipelineError(f"--scan {field}: value {value!r} has the wrong type for this field ({e}).") from e
+    try:
+      validate_config(trial)
+    except PipelineError as e:
+      raise PipelineError(f"--scan setting {setting}: {e}") from e
+    for j, (field, _) in enumerate(parsed):
+      value = trial.seed if field == "seed" else trial.ot[field[len("ot."):]]
+      if value not in typed[j]:
+        typed[j].append(value)
+  return [(field, values) for (field, _), values in zip(parsed, typed)]
+
+
+def _scan_quality(r: _Run, problem: solver_lib.SemidiscreteProblem
+                  ) -> Callable[[solver_lib.BrenierPotential, Dict[str, Any]], Dict[str, float]]:
+  """Quality of one scanned potential from its ``exact`` samples; cheap, no training.
+
+  ``sample.num_samples`` exact samples are drawn with the sample stage's key for ``exact`` and seed 0 (the
+  same source points for every setting). Columns: ``latent_sw2``, the sliced W2 (128 directions, fixed) between
+  the sampled codes and the held-out codes (the test split encoded, ``eval.num_real`` of them); for the toy
+  sets ``modes``, ``high_quality`` and ``reverse_kl`` of the decoded samples (:func:`metrics.mode_coverage`);
+  for images ``latent_frechet``, the Frechet distance of the same two code sets.
+  """
+  cfg = r.config
+  num = int(cfg.sample.num_samples)
+  key = r.key(_SALT_SAMPLE, METHODS.index("exact"), 0)
+  source = problem.source
+  sample = jax.jit(lambda y, h: generate.generate("exact", key, source, y, h, num))
+  test = r.dataset("test")
+  real_x = test.x[:int(cfg.eval.num_real) or test.num_examples]
+  if cfg.ae.kind == "identity":
+    real = np.asarray(real_x, np.float32)
+  else:
+    graphdef, params = r.autoencoder()
+    encode = jax.jit(lambda x: models.encode(graphdef, params, x))
+    real = np.asarray(train.batched_apply(encode, real_x, batch_size=1024), np.float32)
+  sw_key = r.key(_SALT_EVAL, 0)
+  sliced = jax.jit(lambda a, b: metrics_lib.sliced_wasserstein(a, b, sw_key, 128))
+  real_dev = jnp.asarray(real)
+  decode = r.decoder("ae") if r.is_points else None
+  means, std = data_lib.toy_modes(cfg.data.name) if r.is_points else (None, None)
+
+  def quality(potential: solver_lib.BrenierPotential, setting: Dict[str, Any]) -> Dict[str, float]:
+    del setting
+    codes = sample(potential.y, potential.h)
+    out: Dict[str, float] = {}
+    if r.is_points:
+      cov = metrics_lib.mode_coverage(decode(np.asarray(codes)), means, std)
+      out.update(modes=float(cov["modes"]), high_quality=cov["high_quality"], reverse_kl=cov["reverse_kl"])
+    out["latent_sw2"] = float(sliced(codes, real_dev))
+    if not r.is_points:
+      out["latent_frechet"] = metrics_lib.frechet_distance(np.asarray(codes), real)
+    return out
+
+  return quality
+
+
+def run_scan(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+             specs: Sequence[str] | Sequence[scan_lib.ScanSpec], log: Callable[[str], None] = print,
+             overwrite: bool = False) -> scan_lib.ScanResult:
+  """Scans OT-fit settings in ``workdir``: all combinations in one vmapped, jitted call per static group.
+
+  Runs the ae and encode stages if they are not finished (as :func:`run` would, same markers, so a later
+  normal run in ``workdir`` resumes from them), then fits the same OT problem as the ot stage (the same codes,
+  source and solver settings, except the scanned fields) with :func:`lsot_jax.scan.run_ot_scan`. The solver
+  key of seed s is the ot stage's, ``fold_in(key(s), salt)``, and the final marginal error uses the ot stage's
+  evaluation key and ``ot.marginal_samples``, so the row of the config's own settings reproduces the ot
+  stage's fit and its ``marginal_l1``. ``seed`` varies only the solver's key (not the data or the codes).
+  Each row also gets the quality columns of the potential's ``exact`` samples (see ``_scan_quality``:
+  ``latent_sw2``; ``modes``, ``high_quality``, ``reverse_kl`` for toys; ``latent_frechet`` for images).
+  The scan runs on one device (``ot.num_devices`` applies to the ot stage) and leaves the ot stage and
+  later stages untouched.
+
+  Args:
+    config: a config built from :func:`default_config`.
+    workdir: the run folder; outputs go to ``<workdir>/scan/scan.{csv,md,png}`` (replaced on rerun).
+    specs: ``"field=v1,v2,..."`` strings (``--scan``) or parsed ``(field, values)`` pairs; fields from
+      :data:`SCAN_FIELDS`.
+    log: progress callback taking one line.
+    overwrite: move an existing workdir aside first, as in :func:`run`.
+
+  Returns:
+    The :class:`lsot_jax.scan.ScanResult` (rows, heights [num_settings, n], output paths).
+
+  Raises:
+    PipelineError: a field that cannot be scanned, a value of the wrong type or out of range (before any
+      work), or any error of :func:`run`.
+  """
+  parsed = _check_scan_specs(config, specs)
+  r = _open_run(config, workdir, overwrite, log)
+  for name in ("ae", "encode"):
+    _run_stage(r, name)
+  problem, solver = _ot_setup(r)
+  scanned = {field[len("ot."):] for field, _ in parsed if field != "seed"}
+  base = {name: getattr(solver, name) for name in _SOLVER_FIELDS if name not in scanned}
+  num_settings = int(np.prod([len(values) for _, values in parsed]))
+  log(f"scan: {num_settings} settings of {', '.join(f for f, _ in parsed)} on {problem.num_targets} codes"
+      + ("" if int(config.ot.num_devices) == 1 else " (one device; ot.num_devices applies to the ot stage)"))
+  start = time.perf_counter()
+  result = scan_lib.run_ot_scan(
+      problem, base, parsed, seed=int(config.seed),
+      key_fn=lambda seed: jax.random.fold_in(jax.random.key(seed), _SALT_OT),
+      eval_key=r.key(_SALT_MARGINAL), num_eval_samples=int(config.ot.marginal_samples),
+      quality_fn=_scan_quality(r, problem), out_dir=str(r.dir("scan")))
+  log(f"scan: {num_settings} settings in {result.num_calls} vmapped call(s), {time.perf_counter() - start:.1f}s; "
+      f"wrote {result.files['csv']}, {result.files['md']}, {result.files['png']}")
+  return result

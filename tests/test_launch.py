@@ -1,4 +1,5 @@
-"""launch.py end to end, as a user runs it (subprocesses): toy and image runs, kill -9 and resume, bad input.
+"""launch.py end to end, as a user runs it (subprocesses): toy and image runs, kill -9 and resume, bad input,
+scans, and the multi-host flags (checked without starting a distributed runtime).
 
 All runs share one persistent JAX compilation cache (per test session) so that only the first run of each
 program pays for XLA compilation.
@@ -13,6 +14,7 @@ import textwrap
 import time
 
 import pytest
+from absl import app
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RING = ["--config", "configs/eight_gaussians.py:smoke", "--config.ot.num_iterations=300",
@@ -199,3 +201,88 @@ def test_missing_data_fails_fast_with_the_prepare_command(env, tmp_path, config,
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "w").exists()
   assert time.monotonic() - start < 60
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scans.
+
+
+def test_scan_from_the_command_line(env, tmp_path):
+  workdir = tmp_path / "scan_run"
+  result = _launch(["--config", "configs/eight_gaussians.py:smoke", "--workdir", str(workdir),
+                    "--config.ot.num_iterations=20", "--config.ot.marginal_samples=16384",
+                    "--scan", "ot.learning_rate=0.1,0.3", "--scan", "seed=0,1", "--num_processes=1"], env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  table = [l for l in result.stdout.splitlines() if l.startswith("|")]
+  assert table[0].startswith("| ot.learning_rate | seed | l1 |") and "| modes |" in table[0]
+  assert [l.split(" | ")[:2] for l in table[2:]] == [["| 0.1", "0"], ["| 0.1", "1"], ["| 0.3", "0"],
+                                                      ["| 0.3", "1"]]
+  for name in ("scan.csv", "scan.md", "scan.png"):
+    assert (workdir / "scan" / name).is_file(), name
+  assert (workdir / "encode" / "DONE.json").exists() and not (workdir / "ot").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--scan", "ae.latent_dim=2,4"], "launch.py: error: Cannot scan 'ae.latent_dim'"),
+    (["--scan", "seed=0,1", "--stage", "ot"], "drop --stage"),
+    (["--num_processes=2", "--process_id=2", "--coordinator_address=localhost:1"], "--process_id must be in [0, 2)"),
+])
+def test_bad_scan_or_multi_host_flags_fail_before_work(env, tmp_path, args, needle):
+  result = _launch(RING + ["--workdir", str(tmp_path / "w")] + args, env)
+  assert result.returncode == 1
+  assert needle in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-host flags.
+
+# Replaces jax.distributed.initialize by a probe that reports its arguments and whether any JAX backend was
+# already started (it must not be), then fails as an unreachable coordinator would.
+_DISTRIBUTED_PROBE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import jax
+    from jax._src import xla_bridge
+    from absl import app
+
+    def probe(**kwargs):
+      print("INIT " + json.dumps(dict(kwargs, backends_started=xla_bridge.backends_are_initialized())))
+      raise RuntimeError("coordinator unreachable")
+
+    jax.distributed.initialize = probe
+    import launch
+    sys.argv = ["launch.py"] + sys.argv[1:]
+    app.run(launch.main)
+""")
+
+
+def test_multi_host_flags_initialize_jax_distributed_before_any_jax_call(env, tmp_path):
+  probe = tmp_path / "probe_launch.py"
+  probe.write_text(_DISTRIBUTED_PROBE.format(repo=str(REPO)))
+  result = _launch(RING + ["--workdir", str(tmp_path / "w"), "--coordinator_address=10.0.0.1:1234",
+                           "--num_processes=4", "--process_id=3"], env, launcher=str(probe))
+  inits = [json.loads(l[5:]) for l in result.stdout.splitlines() if l.startswith("INIT ")]
+  assert inits == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
+                        local_device_ids=None, backends_started=False)], result.stdout + result.stderr
+  assert result.returncode == 1
+  assert "jax.distributed.initialize failed" in result.stderr and "coordinator unreachable" in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_distributed_settings():
+  import launch  # pylint: disable=g-import-not-at-top
+  settings = launch.distributed_settings
+  assert settings(None, None, None) is None
+  assert settings(None, 1, 0) is None
+  assert settings("h:1", 2, 1) == dict(coordinator_address="h:1", num_processes=2, process_id=1)
+  assert settings(None, None, None, auto=True) == dict(coordinator_address=None, num_processes=None,
+                                                       process_id=None)
+  for args, needle in ((("h:1", 2, 2), r"process_id must be in \[0, 2\)"),
+                       (("h:1", 0, None), "num_processes must be >= 1"),
+                       ((None, None, -1), "process_id must be >= 0"),
+                       (("h:1", 1, 0), "coordinator_address is for several processes"),
+                       ((None, 2, 1), "needs all of"),
+                       (("h:1", None, None), "needs all of")):
+    with pytest.raises(app.UsageError, match=needle):
+      settings(*args)
