@@ -6,20 +6,37 @@ For source points x [M, d], target codes y [n, d] and heights h [n], the assignm
 
 i.e. the power-diagram cell that contains x_m, and the value of the Brenier potential u_h at x_m. The score
 matrix is never materialised: rows are processed in chunks (``row_chunk``) and targets in tiles
-(``tile_size``) with a running max / argmax, so memory is O((M + n) d + row_chunk * tile_size).
+(``tile_size``) with a running reduction, so memory is O((M + n) d + row_chunk * tile_size).
 
-Two reductions are available inside a tile:
+Two reductions are available:
 
-* ``"argmax"``: ``jnp.max`` and ``jnp.argmax`` of the score tile. On GPUs and TPUs XLA fuses this well.
+* ``"argmax"``: ``jnp.max`` and ``jnp.argmax`` of each score tile, tiles combined by an exact running max
+  (lowest tile on exact ties). The result is the lowest index attaining the float32 maximum. On GPUs and
+  TPUs XLA fuses this well.
 * ``"fused"`` (default on CPUs): XLA:CPU fuses ``dot -> elementwise -> reduce_max`` into one cache-blocked
   kernel, but not a variadic ``argmax`` reduction (that runs at ~10 % of the matmul rate at d = 64). The
-  fused method therefore does two max-reductions: pass 1 computes the tile max m; pass 2 computes
-  ``max_i( min(s_i - (m - band), 0) * 2**60 - i )``, whose value is ``-i*`` for the lowest index i* with
-  ``s_i >= m - band``. Both passes are dot + elementwise + reduce_max, which XLA:CPU fuses. ``band`` is
-  16 float32 ulps of the scores' scale (``eps * (|x| max_j |y_j| + max |h|)``, padded and masked targets excluded): the two passes may round
-  differently, so scores that close to the max count as ties and the lowest such index wins. The result is
-  therefore the float32 argmax up to rounding-level near-ties. Optimisation barriers keep both passes at
-  run time and stop XLA from merging them into one materialised tile; a final clip keeps the index valid.
+  fused method therefore makes two sweeps over the target tiles, each a dot + elementwise + reduce_max that
+  XLA:CPU fuses. Sweep 1 computes the global max ``best`` (over all tiles, and over all shards when
+  ``axis_name`` is given). Sweep 2 computes, per tile, ``max_i( min(s_i - (best - band), 0) * 2**60 - i )``,
+  whose value is ``-i*`` for the lowest index i* of the tile with ``s_i >= best - band``, and keeps the
+  lowest such index over the tiles (and shards). ``band`` is 16 float32 ulps of the scores' scale,
+  ``eps * (|x| max_j |y_j| + max_j |h_j|)`` with the maxima over ALL real targets (padded and masked
+  targets, height -1e30, excluded; see :func:`target_scale`): the two sweeps may round differently, so
+  scores that close to the max count as ties.
+
+Tie rule (both methods are independent of the tiling, the row chunking and the sharding). ``"fused"``
+returns the lowest index whose score is within ``band`` of the global max, ``"argmax"`` the lowest index
+attaining the global max exactly. Both are the float32 argmax up to rounding-level near-ties. Tilings,
+chunkings and shardings give identical results whenever the matmuls round the scores alike; if they round
+differently (XLA may block differently shaped matmuls differently), the fused result can change only for a
+score whose distance to ``best - band`` is below that rounding difference. Optimisation barriers keep both
+sweeps at run time and stop XLA from merging them into one materialised tile. Should sweep 2 find no score
+within the band (pass 1 and pass 2 rounding more than 16 ulps apart), the index falls back to n - 1, so it
+is always valid.
+
+Sharding. With ``axis_name``, :func:`assign` is the per-device body of a ``shard_map`` whose targets are
+split in equal shards along that mesh axis (x replicated): the global max, the target scale and the lowest
+index are combined with ``pmax`` / ``pmin``, so the sharded result equals the single-device one.
 
 All functions are pure and jit-able; the caller jits. Shapes are static, so the tile loop is a ``lax.scan``.
 """
@@ -30,23 +47,30 @@ from typing import Literal, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "assign",
     "cell_histogram",
     "default_method",
     "scores",
+    "target_scale",
+    "tie_band",
 ]
 
 Method = Literal["auto", "fused", "argmax"]
 
-# Scale that separates "score equals the max" from "score is below the max" in the fused pass 2.
+# Scale that separates "score is within the band" from "score is below it" in the fused sweep 2.
 _SEPARATION = float(2.0**60)
-# Width of the "equals the max" band of the fused pass 2, in units of eps * |x| max|y| + max|h|, a bound on
-# the scale of the scores' rounding error.
+# Width of the fused tie band, in units of eps * (|x| max|y| + max|h|), a bound on the scale of the scores'
+# rounding error.
 _BAND_ULPS = 16.0
 # Heights of padded (non-existent) targets: finite, so that max - pad stays finite.
 _PAD_HEIGHT = -1e30
+# "No index found" in the fused sweep 2 and the cross-shard pmin.
+_INT_MAX = int(np.iinfo(np.int32).max)
+# The fused sweep 2 encodes in-tile indices as floats: they must be exact.
+_MAX_FUSED_TILE = 1 << 24
 
 
 def default_method() -> str:
@@ -68,61 +92,144 @@ def scores(x: jax.Array, y: jax.Array, h: jax.Array) -> jax.Array:
   return jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST) + h[None, :]
 
 
-def _tile_argmax(
-    x: jax.Array, y: jax.Array, h: jax.Array, method: str
-) -> Tuple[jax.Array, jax.Array]:
-  """Max and argmax of the scores of one [Mc, T] tile. Returns ([Mc] float, [Mc] int32)."""
-  if method != "argmax":
-    # Both passes must round alike: without this barrier XLA constant-folds pass 1 when x and y are
-    # compile-time constants (e.g. a DiscreteSource closed over in a jitted function) but not pass 2.
-    x, y, h = jax.lax.optimization_barrier((x, y, h))
-  s = jnp.matmul(x, y.T) + h[None, :]
-  best = jnp.max(s, axis=1)
-  if method == "argmax":
-    return best, jnp.argmax(s, axis=1).astype(jnp.int32)
+def target_scale(y: jax.Array, h: jax.Array) -> jax.Array:
+  """Scale of the targets that sets the fused method's tie band.
+
+  Targets with height <= -5e29 (padded or masked cells, height -1e30) can never win and are left out.
+
+  Args:
+    y: Array of shape [n, d], target codes.
+    h: Array of shape [n], heights.
+
+  Returns:
+    Array of shape [2]: ``(max_j |y_j|, max_j |h_j|)`` over the real targets (0 if there are none). For
+    targets split over devices, the ``pmax`` of the per-shard scales is the global scale.
+  """
+  real = h > 0.5 * _PAD_HEIGHT
+  y_norm = jnp.max(jnp.where(real, jnp.linalg.norm(y, axis=1), 0.0))
+  h_abs = jnp.max(jnp.where(real, jnp.abs(h), 0.0))
+  return jnp.stack([y_norm, h_abs])
+
+
+def tie_band(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """Width of the fused method's tie band for each source point.
+
+  Args:
+    x: Array of shape [M, d], source points.
+    scale: Array of shape [2], :func:`target_scale` of all targets.
+
+  Returns:
+    Array of shape [M]: ``16 * eps * (|x_m| max_j |y_j| + max_j |h_j|)``.
+  """
+  eps = jnp.finfo(x.dtype).eps
+  return _BAND_ULPS * eps * (jnp.linalg.norm(x, axis=1) * scale[0] + scale[1])
+
+
+def _tile_scores(x: jax.Array, y: jax.Array, h: jax.Array) -> jax.Array:
+  return jnp.matmul(x, y.T) + h[None, :]
+
+
+def _tile_max(x: jax.Array, y: jax.Array, h: jax.Array) -> jax.Array:
+  """Fused sweep 1 on one [Mc, T] tile: the row max. Returns [Mc] float."""
+  # Both sweeps must round alike: without this barrier XLA constant-folds one sweep when x and y are
+  # compile-time constants (e.g. a DiscreteSource closed over in a jitted function) but not the other.
+  x, y, h = jax.lax.optimization_barrier((x, y, h))
+  return jnp.max(_tile_scores(x, y, h), axis=1)
+
+
+def _tile_first_within(
+    x: jax.Array, y: jax.Array, h: jax.Array, threshold: jax.Array
+) -> jax.Array:
+  """Fused sweep 2 on one [Mc, T] tile: lowest index with score >= threshold, or _INT_MAX. [Mc] int32."""
+  # The barrier also stops XLA from merging the two sweeps' identical matmuls into one materialised tile.
+  x, y, h, threshold = jax.lax.optimization_barrier((x, y, h, threshold))
+  s = _tile_scores(x, y, h)
   iota = jnp.arange(y.shape[0], dtype=s.dtype)
-  # The barrier stops XLA from merging the two identical matmuls into one materialised [Mc, T] tile.
-  x2, y2, h2, best2 = jax.lax.optimization_barrier((x, y, h, best))
-  s2 = jnp.matmul(x2, y2.T) + h2[None, :]
-  # Scores within a rounding band of the max count as attaining it (the two passes may round differently
-  # when XLA picks different kernels for them, e.g. a matrix-vector product for a one-row chunk).
-  band = _BAND_ULPS * jnp.finfo(s.dtype).eps * (
-      jnp.linalg.norm(x2, axis=1) * jnp.max(jnp.linalg.norm(y2, axis=1))
-      + jnp.max(jnp.where(h2 > 0.5 * _PAD_HEIGHT, jnp.abs(h2), 0.0))
+  packed = jnp.max(
+      jnp.minimum(s - threshold[:, None], 0.0) * _SEPARATION - iota[None, :], axis=1
   )
-  packed = jnp.minimum(s2 - (best2 - band)[:, None], 0.0) * _SEPARATION - iota[None, :]
-  # Exact arithmetic gives an index in [0, T); the clip only guards against a pathological pass-2 rounding.
-  idx = jnp.clip(-jnp.max(packed, axis=1), 0, y.shape[0] - 1).astype(jnp.int32)
-  return best, idx
+  # A score within the band gives -i in (-T, 0]; any other score gives a value far below -T.
+  found = packed > -float(y.shape[0])
+  return jnp.where(found, (-packed).astype(jnp.int32), _INT_MAX)
 
 
-def _assign_rows(
+def _tile_argmax(x: jax.Array, y: jax.Array, h: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Max and argmax of the scores of one [Mc, T] tile. Returns ([Mc] float, [Mc] int32)."""
+  s = _tile_scores(x, y, h)
+  return jnp.max(s, axis=1), jnp.argmax(s, axis=1).astype(jnp.int32)
+
+
+def _scan_tiles(body, init, y_tiles: jax.Array, h_tiles: jax.Array):
+  """Folds ``body(carry, y_t, h_t, offset_t)`` over the target tiles (no loop for a single tile)."""
+  num_tiles, tile = h_tiles.shape
+  if num_tiles == 1:
+    return body(init, y_tiles[0], h_tiles[0], jnp.int32(0))
+
+  def step(carry, inputs):
+    y_t, h_t, t = inputs
+    return body(carry, y_t, h_t, t * tile), None
+
+  carry, _ = jax.lax.scan(
+      step, init, (y_tiles, h_tiles, jnp.arange(num_tiles, dtype=jnp.int32))
+  )
+  return carry
+
+
+def _fused_rows(
     x: jax.Array,
     y_tiles: jax.Array,
     h_tiles: jax.Array,
-    method: str,
+    scale: jax.Array,
+    n_local: int,
+    axis_name: Optional[str],
 ) -> Tuple[jax.Array, jax.Array]:
-  """Running max/argmax over target tiles for one row chunk x [Mc, d]."""
-  num_tiles, tile, _ = y_tiles.shape
-  if num_tiles == 1:
-    return _tile_argmax(x, y_tiles[0], h_tiles[0], method)[::-1]
+  """Fused method for one row chunk x [Mc, d]: (global idx [Mc] int32, best [Mc])."""
+  best = _scan_tiles(
+      lambda b, y_t, h_t, _: jnp.maximum(b, _tile_max(x, y_t, h_t)),
+      jnp.full((x.shape[0],), -jnp.inf, dtype=x.dtype), y_tiles, h_tiles,
+  )
+  if axis_name is not None:
+    best = jax.lax.pmax(best, axis_name)
+  threshold = best - tie_band(x, scale)
 
-  def body(carry, inputs):
+  def first(idx, y_t, h_t, offset):
+    local = _tile_first_within(x, y_t, h_t, threshold)
+    return jnp.minimum(idx, jnp.where(local == _INT_MAX, _INT_MAX, local + offset))
+
+  idx = _scan_tiles(first, jnp.full((x.shape[0],), _INT_MAX, jnp.int32), y_tiles, h_tiles)
+  n_total = n_local
+  if axis_name is not None:
+    offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * n_local
+    idx = jax.lax.pmin(jnp.where(idx == _INT_MAX, _INT_MAX, idx + offset), axis_name)
+    n_total = n_local * jax.lax.axis_size(axis_name)
+  return jnp.where(idx == _INT_MAX, n_total - 1, idx), best
+
+
+def _argmax_rows(
+    x: jax.Array,
+    y_tiles: jax.Array,
+    h_tiles: jax.Array,
+    n_local: int,
+    axis_name: Optional[str],
+) -> Tuple[jax.Array, jax.Array]:
+  """Argmax method for one row chunk x [Mc, d]: (global idx [Mc] int32, best [Mc])."""
+
+  def body(carry, y_t, h_t, offset):
     best, idx = carry
-    y_t, h_t, t = inputs
-    tile_best, tile_idx = _tile_argmax(x, y_t, h_t, method)
-    better = tile_best > best
-    best = jnp.where(better, tile_best, best)
-    idx = jnp.where(better, tile_idx + t * tile, idx)
-    return (best, idx), None
+    tile_best, tile_idx = _tile_argmax(x, y_t, h_t)
+    better = tile_best > best  # strict: the lower tile keeps exact ties
+    return jnp.where(better, tile_best, best), jnp.where(better, tile_idx + offset, idx)
 
   init = (
       jnp.full((x.shape[0],), -jnp.inf, dtype=x.dtype),
       jnp.zeros((x.shape[0],), dtype=jnp.int32),
   )
-  (best, idx), _ = jax.lax.scan(
-      body, init, (y_tiles, h_tiles, jnp.arange(num_tiles, dtype=jnp.int32))
-  )
+  best, idx = _scan_tiles(body, init, y_tiles, h_tiles)
+  if axis_name is not None:
+    best_all = jax.lax.pmax(best, axis_name)
+    offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * n_local
+    idx = jax.lax.pmin(jnp.where(best == best_all, idx + offset, _INT_MAX), axis_name)
+    best = best_all
   return idx, best
 
 
@@ -134,6 +241,13 @@ def _pad_to(a: jax.Array, size: int, value) -> jax.Array:
   return jnp.pad(a, widths, constant_values=value)
 
 
+def _balanced_tile(n: int, tile_size: int) -> int:
+  """Tile size <= tile_size that splits n into the fewest tiles with little padding (a multiple of 8)."""
+  num_tiles = -(-n // tile_size)
+  tile = -(-n // num_tiles)
+  return min(tile_size, -(-tile // 8) * 8) if num_tiles > 1 else tile
+
+
 @functools.partial(jax.named_call, name="lsot_assign")
 def assign(
     x: jax.Array,
@@ -143,20 +257,27 @@ def assign(
     tile_size: int = 8192,
     row_chunk: int = 4096,
     method: Method = "auto",
+    axis_name: Optional[str] = None,
 ) -> Tuple[jax.Array, jax.Array]:
   """Power-diagram cell of each source point, without an [M, n] score matrix.
 
   Args:
     x: Array of shape [M, d], source points.
-    y: Array of shape [n, d], target codes.
-    h: Array of shape [n], heights.
-    tile_size: Targets per tile (static).
+    y: Array of shape [n, d], target codes (with ``axis_name``: this device's shard of n targets).
+    h: Array of shape [n], heights (with ``axis_name``: this device's shard).
+    tile_size: Targets per tile at most (static); the tiles are balanced, e.g. 20,000 targets with
+      ``tile_size=8192`` make 3 tiles of 6,672.
     row_chunk: Source rows per chunk (static).
     method: ``"fused"``, ``"argmax"`` or ``"auto"`` (see the module docstring).
+    axis_name: inside ``shard_map`` / ``pmap`` with the targets split in equal shards along this axis (x
+      replicated), the name of that axis: the results are then global over all shards (index
+      ``device * n + local index``) and identical on every device. None on one device.
 
   Returns:
-    A tuple ``(idx, best)``: ``idx`` int32 array of shape [M], the lowest index attaining the maximum score
-    (float32 argmax), and ``best`` array of shape [M], the maximum score ``u_h(x)``.
+    A tuple ``(idx, best)``: ``idx`` int32 array of shape [M], the lowest index whose score attains the
+    maximum (``"argmax"``) or lies within the tie band of it (``"fused"``), and ``best`` array of shape [M],
+    the maximum score ``u_h(x)``. Neither depends on ``tile_size``, ``row_chunk`` or the sharding beyond
+    matmul rounding (see the module docstring).
   """
   if x.ndim != 2 or y.ndim != 2 or h.ndim != 1:
     raise ValueError(
@@ -171,24 +292,34 @@ def assign(
     method = default_method()
   if method not in ("fused", "argmax"):
     raise ValueError(f"Unknown assignment method {method!r}; use 'auto', 'fused' or 'argmax'.")
+  if tile_size < 1 or row_chunk < 1:
+    raise ValueError(f"tile_size and row_chunk must be >= 1; got {tile_size}, {row_chunk}.")
   dtype = jnp.result_type(x.dtype, y.dtype, h.dtype)
   x, y, h = x.astype(dtype), y.astype(dtype), h.astype(dtype)
 
   m, d = x.shape
   n = y.shape[0]
-  tile = min(tile_size, n)
+  tile = _balanced_tile(n, tile_size)
+  if method == "fused" and tile > _MAX_FUSED_TILE:
+    raise ValueError(f"The fused method needs tile_size <= {_MAX_FUSED_TILE}; got {tile_size}.")
   num_tiles = -(-n // tile)
   y_tiles = _pad_to(y, num_tiles * tile, 0.0).reshape(num_tiles, tile, d)
   h_tiles = _pad_to(h, num_tiles * tile, _PAD_HEIGHT).reshape(num_tiles, tile)
 
+  if method == "fused":
+    scale = target_scale(y, h)
+    if axis_name is not None:
+      scale = jax.lax.pmax(scale, axis_name)
+    rows = lambda xc: _fused_rows(xc, y_tiles, h_tiles, scale, n, axis_name)
+  else:
+    rows = lambda xc: _argmax_rows(xc, y_tiles, h_tiles, n, axis_name)
+
   chunk = min(row_chunk, m)
   num_chunks = -(-m // chunk)
   if num_chunks == 1:
-    return _assign_rows(x, y_tiles, h_tiles, method)
+    return rows(x)
   x_chunks = _pad_to(x, num_chunks * chunk, 0.0).reshape(num_chunks, chunk, d)
-  idx, best = jax.lax.map(
-      lambda xc: _assign_rows(xc, y_tiles, h_tiles, method), x_chunks
-  )
+  idx, best = jax.lax.map(rows, x_chunks)
   return idx.reshape(-1)[:m], best.reshape(-1)[:m]
 
 

@@ -96,6 +96,87 @@ def test_assign_exact_ties_take_lowest_index(method, tile_size):
   np.testing.assert_array_equal(np.asarray(best), np.array([3.0, 3.0, 0.0, 0.0], np.float32))
 
 
+def _fused_reference(x, y, h):
+  """float64 version of the fused rule: the lowest index whose score is within the tie band of the max.
+
+  Returns the index and, per row, the distance of the nearest score to the band's edge in units of the
+  band (rows with a score near the edge are ambiguous under float32 rounding).
+  """
+  x64, y64, h64 = (a.astype(np.float64) for a in (x, y, h))
+  s = x64 @ y64.T + h64[None, :]
+  band = 16 * np.finfo(np.float32).eps * (
+      np.linalg.norm(x64, axis=1) * np.linalg.norm(y64, axis=1).max() + np.abs(h64).max()
+  )
+  edge = s.max(axis=1) - band
+  idx = np.argmax(s >= edge[:, None], axis=1)
+  margin = np.abs(s - edge[:, None]).min(axis=1) / band
+  return idx, margin
+
+
+@pytest.mark.parametrize("tile_size,row_chunk", TILINGS + [(3, 64), (12, 17)])
+def test_fused_near_ties_lowest_index_in_global_band(np_rng, tile_size, row_chunk):
+  """Copies of one target, 1-4 float32 ulps of the scores apart, in different tiles: for every tiling the
+  fused method returns the lowest copy (the band is global), checked against a float64 reference."""
+  x, y, h = _problem(np_rng)
+  h[3] = 3.0  # a large cell, so that many rows pick a copy of target 3
+  ulp = 1e-6  # ~1-4 ulps of these scores (|x||y| + |h| ~ 5-20), well inside the 16-ulp band
+  for j, k in ((30, 4.0), (20, 1.0), (9, 2.0)):
+    y[j], h[j] = y[3], h[3] + k * ulp
+  ref_idx, margin = _fused_reference(x, y, h)
+  idx, best = kernels.assign(
+      jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), tile_size=tile_size, row_chunk=row_chunk,
+      method="fused",
+  )
+  idx = np.asarray(idx)
+  clear = margin > 0.25
+  assert clear.mean() > 0.97 and np.isin(ref_idx, [3, 9, 20, 30]).sum() > 20
+  assert not np.isin(ref_idx, [9, 20, 30]).any()
+  np.testing.assert_array_equal(idx[clear], ref_idx[clear])
+  s64 = x.astype(np.float64) @ y.astype(np.float64).T + h[None, :]
+  np.testing.assert_allclose(np.asarray(best), s64.max(axis=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fused", "argmax"])
+def test_assign_independent_of_tiling_wide(np_rng, method):
+  """d = 64, n = 3000 with near-tied copies: every tiling gives the float64 reference on unambiguous rows,
+  and (scores rounding alike) the same index on all rows."""
+  x, y, h = _problem(np_rng, m=600, n=3000, d=64)
+  h = 0.1 * h
+  h[7] = 12.0  # a large cell
+  for j, k in ((1500, 2.0), (2999, 1.0)):
+    y[j], h[j] = y[7], h[7] + k * 1e-5  # 1-2 ulps at these score scales, ~1/20 of the band
+  if method == "fused":
+    ref_idx, margin = _fused_reference(x, y, h)
+    clear = margin > 0.25
+  else:
+    ref_idx, _, gap = _reference(x, y, h)
+    clear = gap > 1e-3
+  results = []
+  for tile_size, row_chunk in ((8192, 4096), (1024, 256), (1000, 600), (333, 77), (64, 1000)):
+    idx, _ = kernels.assign(
+        jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), tile_size=tile_size, row_chunk=row_chunk,
+        method=method,
+    )
+    results.append(np.asarray(idx))
+    np.testing.assert_array_equal(results[-1][clear], ref_idx[clear], err_msg=f"tile {tile_size}")
+  assert clear.mean() > 0.8  # argmax: the rows won by the near-tied copies are ambiguous
+  if method == "fused":
+    assert np.isin(ref_idx, [7, 1500, 2999]).sum() > 10 and not np.isin(ref_idx, [1500, 2999]).any()
+    for r in results[1:]:
+      np.testing.assert_array_equal(r, results[0])
+
+
+def test_fused_band_uses_global_target_scale():
+  """target_scale leaves out padded / masked targets (height -1e30); tie_band is 16 eps of the scale."""
+  y = jnp.array([[3.0, 4.0], [0.0, 1.0], [30.0, 40.0]])
+  h = jnp.array([-2.0, 1.0, -1e30])
+  np.testing.assert_allclose(np.asarray(kernels.target_scale(y, h)), [5.0, 2.0])
+  x = jnp.array([[0.0, 2.0], [0.0, 0.0]])
+  eps = float(np.finfo(np.float32).eps)
+  np.testing.assert_allclose(np.asarray(kernels.tie_band(x, kernels.target_scale(y, h))),
+                             [16 * eps * 12.0, 16 * eps * 2.0], rtol=1e-6)
+
+
 def test_assign_jit_equals_eager(np_rng):
   x, y, h = (jnp.asarray(a) for a in _problem(np_rng))
   for method in ("fused", "argmax"):
