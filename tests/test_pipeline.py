@@ -244,13 +244,19 @@ def test_scan_reproduces_the_ot_stage_and_leaves_the_run_alone(tmp_path):
   assert "ot: starting" in lines and (workdir / "config.json").read_text() == stored
   # The config's own setting (lr 0.3, seed 0), fitted in one vmapped call, equals the ot stage's chunked,
   # checkpointed fit; its marginal error and exact-sample quality equal the ot and eval stages' (one seed).
+  # Tolerances: vmapped and plain matmuls may round differently, and the ring's thin cells (std 0.01) turn
+  # that into a few near-tied samples assigned the other way, which the Monte-Carlo solve carries on
+  # (measured: heights within 4e-5, final L1 within 0.007 of 8192 samples; another seed is 9e-4 away).
   own = res.rows[0]
-  np.testing.assert_allclose(res.h[0], np.asarray(pipeline.load_potential(config, workdir).h), atol=1e-4)
-  assert own["l1"] == pytest.approx(metrics["ot"]["marginal_l1"], abs=1e-3)
+  h_ot = np.asarray(pipeline.load_potential(config, workdir).h)
+  np.testing.assert_allclose(res.h[0], h_ot, atol=1e-4)
+  assert np.abs(res.h[1] - h_ot).max() > 3e-4  # seed 4 (the key does matter at this tolerance)
+  assert own["l1"] == pytest.approx(metrics["ot"]["marginal_l1"], abs=0.02)
   assert own["noise_floor"] == pytest.approx(metrics["ot"]["marginal_noise_floor"], rel=1e-5)
   exact = metrics["methods"]["exact"]
-  for name in ("modes", "high_quality", "reverse_kl"):
-    assert own[name] == pytest.approx(exact[name], abs=1e-3), name
+  assert own["modes"] == exact["modes"] == 8
+  assert own["high_quality"] == pytest.approx(exact["high_quality"], abs=0.011)  # 2 of 200 samples
+  assert own["reverse_kl"] == pytest.approx(exact["reverse_kl"], abs=0.005)
   assert not np.allclose(res.h[0], res.h[2], atol=1e-2)  # the learning rates do differ
   assert all(row["latent_sw2"] > 0 for row in res.rows)
 
