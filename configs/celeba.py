@@ -14,6 +14,11 @@ features): Frechet distance, precision/recall/density/coverage, Sinkhorn diverge
 Command:
   python launch.py --config configs/celeba.py --workdir runs/celeba --config.data.data_dir=DIR
   python launch.py --config configs/celeba.py:smoke --workdir /tmp/celeba_smoke --config.data.data_dir=DIR
+  # Step-size x seed scan of the OT fit on the same codes (runs the AE first if needed; writes scan/scan.md):
+  python launch.py --config configs/celeba.py --workdir runs/celeba --config.data.data_dir=DIR \
+      --scan ot.learning_rate=0.1,0.3,1.0 --scan seed=0,1,2
+  # Several hosts (same command on each, I = 0..P-1): add
+  #   --coordinator_address=HOST0:PORT --num_processes=P --process_id=I
 
 Expected runtime: not measured (no CelebA copy and no accelerator on the build machine); the smoke variant
 runs in a few minutes on a CPU. Expected metrics: not measured yet.
@@ -41,6 +46,7 @@ def get_config(arg=None):
   config.ot.max_batch_size = 262144
   config.ot.checkpoint_every = 200
   config.ot.marginal_samples = 1 << 22
+  config.ot.num_devices = 0  # Shard the codes over every device JAX sees (one on a single-device machine).
   config.sample.methods = ("exact", "extended", "soft", "gaussian", "gmm", "sinkhorn", "wgan_gp", "vae")
   config.sample.num_samples = 10000
   config.sample.num_seeds = 1

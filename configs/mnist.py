@@ -10,6 +10,9 @@ small CNN classifier trained on MNIST in the same run.
 Command:
   python launch.py --config configs/mnist.py --workdir runs/mnist         # what `make run` does
   python launch.py --config configs/mnist.py:smoke --workdir /tmp/mnist_smoke   # about a minute
+  # Step-size x seed scan of the OT fit on the run's codes (writes runs/mnist/scan/scan.{csv,md,png}):
+  python launch.py --config configs/mnist.py --workdir runs/mnist --scan ot.learning_rate=0.1,0.3,1.0 \
+      --scan seed=0,1,2
 
 Expected runtime (2-core CPU, measured on a shared machine with load average ~6): 7.5 minutes in all
 (autoencoder 147 s, OT 71 s = 280 solver steps to tol, sampling 127 s of which the VAE baseline 54 s,

@@ -34,6 +34,14 @@ Guarantees:
 * NaN/Inf in the OT heights or energy stops the run with :class:`OTDiverged` naming the stage and step; the
   last good checkpoint stays. Training divergence raises :class:`lsot_jax.train.TrainingDiverged`.
 
+Beyond one device: ``ot.num_devices`` shards the codes of the OT fit over a mesh (:mod:`lsot_jax.sharding`;
+checkpoints hold the unsharded state, so a run may resume on another device count) and ``ae.num_devices``
+trains the autoencoder data-parallel. Both may change between reruns of a workdir.
+
+Scans: :func:`run_scan` fits every combination of OT-solver settings and seeds (``--scan`` of ``launch.py``)
+in one vmapped call per group of static settings, on the codes of the workdir (running ae and encode first if
+needed), and writes ``scan/scan.{csv,md,png}``; it leaves the ot stage and later stages alone.
+
 The config never reaches numerical code: this module turns it into keyword arguments and dataclasses
 (:class:`lsot_jax.models.AutoencoderConfig`, :class:`lsot_jax.train.TrainConfig`,
 :class:`lsot_jax.solver.BrenierSolver`). :func:`default_config` documents every field.
@@ -510,11 +518,15 @@ def _device_count(config: ml_collections.ConfigDict, field: str) -> int:
 def _check_devices(config: ml_collections.ConfigDict) -> None:
   """Refuses device settings this machine (or this version of the training code) cannot honour."""
   _device_count(config, "ot.num_devices")
-  if _device_count(config, "ae.num_devices") > 1 and config.ae.kind != "identity":
+  ae_devices = _device_count(config, "ae.num_devices")
+  if ae_devices > 1 and config.ae.kind != "identity":
     if "mesh" not in inspect.signature(train.train_autoencoder).parameters:
       raise PipelineError("--config.ae.num_devices > 1 needs data-parallel autoencoder training "
                           "(lsot_jax.train.train_autoencoder(..., mesh=...)), which this version lacks; "
                           "use --config.ae.num_devices=1.")
+    if config.ae.batch_size % ae_devices:
+      raise PipelineError(f"--config.ae.batch_size={config.ae.batch_size} must be a multiple of the "
+                          f"{ae_devices} devices of --config.ae.num_devices (each device gets an equal share).")
 
 
 def _mesh(config: ml_collections.ConfigDict, field: str) -> Optional[jax.sharding.Mesh]:
