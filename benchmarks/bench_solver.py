@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -321,6 +322,8 @@ def main(argv: List[str] | None = None) -> None:
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--max-seconds", type=float, default=None,
                       help="solver-time cap per configuration (default 60 with --quick, else 300)")
+  parser.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
+                      default=None, help="time-to-target problems as NxD,... (evaluation sample >= 200 n, >= 2^21)")
   parser.add_argument("--ott-lrs", type=lambda s: [float(v) for v in s.split(",")], default=[1e-2, 3e-2],
                       help="ott-jax Adam learning rates (default: the issue's grid 1e-2,3e-2)")
   parser.add_argument("--ott-batches", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096],
@@ -336,7 +339,10 @@ def main(argv: List[str] | None = None) -> None:
   res["kernel"] = [matmul_vs_kernel(d, 2048, 16384, args.repeats) for d in (16, 64)]
   for k in res["kernel"]:
     print(f"  d={k['d']}: lsot {k['lsot_fraction']:.0%}, xla argmax {k['xla_argmax_fraction']:.0%}", flush=True)
-  problems = [(2000, 16, 1 << 21)] + ([] if args.quick else [(20000, 64, 1 << 22)])
+  if args.sizes:
+    problems = [(n, d, max(1 << 21, 1 << math.ceil(math.log2(200 * n)))) for n, d in args.sizes]
+  else:
+    problems = [(2000, 16, 1 << 21)] + ([] if args.quick else [(20000, 64, 1 << 22)])
   grid = [(lr, b) for lr in args.ott_lrs for b in args.ott_batches]
   res["time_to_target"] = []
   for n, d, num_eval in problems:
