@@ -58,6 +58,7 @@ __all__ = [
     "pad_state",
     "padded_size",
     "replicate",
+    "resolve_axis",
     "shard_batch",
     "shard_problem",
     "sharded_assign",
@@ -103,6 +104,13 @@ def _axis(mesh: Mesh, axis_name: Optional[str]) -> str:
   if axis_name not in mesh.axis_names:
     raise ValueError(f"Axis {axis_name!r} is not in the mesh axes {mesh.axis_names}.")
   return axis_name
+
+
+def resolve_axis(mesh: Mesh, axis_name: Optional[str] = None) -> str:
+  """The mesh axis to shard over: ``axis_name`` (checked against the mesh), or the mesh's only axis."""
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"Expected a jax.sharding.Mesh; got {mesh!r}.")
+  return _axis(mesh, axis_name)
 
 
 def padded_size(n: int, num_shards: int) -> int:

@@ -16,6 +16,12 @@ All three loops share one engine with these properties:
   non-finite loss or parameter raises :class:`TrainingDiverged` (a ``FloatingPointError``) naming the stage
   and the first bad step; nothing after the last finite check is ever saved, so the previous checkpoint
   stays restorable.
+* Data parallelism: given a ``jax.sharding.Mesh``, the train state is replicated over the mesh axis
+  (:func:`lsot_jax.sharding.replicate`) and every batch is split along it
+  (:func:`lsot_jax.sharding.shard_batch`; the batch size must divide by the number of devices on the axis),
+  so XLA partitions the jitted step by the batch and all-reduces the gradients. The loss is a batch mean
+  and the per-step keys do not depend on the placement (JAX's partitionable threefry), so a mesh run
+  follows the single-device run to float tolerance, and checkpoints resume with or without a mesh.
 * One JSON line per finished epoch goes to ``log_path`` (``stage, epoch, step, loss, examples_per_sec,
   seconds``), and a tqdm bar shows loss and throughput when stderr is a terminal.
 """
@@ -38,6 +44,7 @@ import tqdm
 
 from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import models
+from lsot_jax import sharding
 
 __all__ = [
     "TrainConfig",
@@ -190,27 +197,47 @@ def _append_log(log_path: Optional[str], record: Dict[str, Any]) -> None:
 
 def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Array, Any]],
          arrays: Sequence[np.ndarray], ckpt_dir: str, cfg: TrainConfig, log_path: Optional[str],
-         progress: bool, info: Dict[str, Any]) -> Tuple[models.Params, History, Dict[str, Any]]:
-  """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``."""
+         progress: bool, info: Dict[str, Any], mesh: Optional[jax.sharding.Mesh] = None,
+         axis_name: Optional[str] = None) -> Tuple[models.Params, History, Dict[str, Any]]:
+  """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``.
+
+  With ``mesh``, the state is replicated over ``axis_name`` and each batch split along it (module docstring).
+  """
   n = int(arrays[0].shape[0])
   if n == 0 or any(a.shape[0] != n for a in arrays):
     raise ValueError(f"{stage}: training arrays must be non-empty and have the same length, "
                      f"got {[a.shape[0] for a in arrays]}.")
   bs = min(cfg.batch_size, n)
+  place_state: Callable[[Any], Any] = lambda tree: tree
+  place_batch: Callable[[Any], Any] = lambda batch: batch
+  jit_kwargs: Dict[str, Any] = {}
+  if mesh is not None:
+    axis = sharding.resolve_axis(mesh, axis_name)
+    devices = mesh.shape[axis]
+    if bs % devices:
+      raise ValueError(f"{stage}: the batch size {bs} (batch_size={cfg.batch_size}, N={n}) must be "
+                       f"divisible by the {devices} devices of mesh axis {axis!r} for data-parallel "
+                       "training.")
+    place_state = lambda tree: sharding.replicate(mesh, tree)
+    place_batch = lambda batch: sharding.shard_batch(mesh, batch, axis)
+    jit_kwargs["out_shardings"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   steps_per_epoch = n // bs
   total_steps = cfg.epochs * steps_per_epoch
   stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
   data_spec = {"num_examples": n, "batch_size": bs, "seed": int(cfg.seed), "steps_per_epoch": steps_per_epoch}
 
   tx = _make_optimizer(cfg)
-  train_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32)}
+  train_key = place_state(jax.random.fold_in(jax.random.key(cfg.seed), 1))
+  state = place_state(
+      {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32)}
+  )
   ckpt = checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=cfg.max_to_keep)
   bar = None
   try:
     step, history, acc = 0, [], {"loss_sum": 0.0, "loss_count": 0}
     if ckpt.latest_step() is not None:
       step, state, meta = ckpt.restore(state)
+      state = place_state(state)
       if meta.get("data") != data_spec:
         raise ValueError(f"{stage}: the checkpoint in {ckpt.directory} was written for data stream "
                          f"{meta.get('data')}, but this run has {data_spec}; use a fresh directory.")
@@ -240,7 +267,7 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
       new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
       return new_state, loss, finite
 
-    step_fn = jax.jit(train_step, donate_argnums=0)
+    step_fn = jax.jit(train_step, donate_argnums=0, **jit_kwargs)
     bar = tqdm.tqdm(total=stop_at, initial=step, desc=stage, unit="step", dynamic_ncols=True,
                     disable=not (progress and sys.stderr.isatty()))
     pending: List[Tuple[int, jax.Array, jax.Array]] = []
@@ -265,7 +292,7 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
       if epoch != perm_epoch:
         perm, perm_epoch = epoch_permutation(cfg.seed, epoch, n), epoch
       idx = perm[pos * bs:(pos + 1) * bs]
-      batch = tuple(a[idx] for a in arrays)
+      batch = place_batch(tuple(a[idx] for a in arrays))
       state, loss, finite = step_fn(state, batch, train_key)
       pending.append((step, loss, finite))
       step += 1
@@ -307,6 +334,7 @@ def _as_float_array(x: Any, shape: Tuple[int, ...], what: str) -> np.ndarray:
 def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
                       train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
                       log_path: Optional[str] = None, progress: bool = True,
+                      mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
                       **overrides: Any) -> Tuple[Any, models.Params, History]:
   """Trains (or resumes, or skips) the deterministic autoencoder on reconstruction MSE.
 
@@ -318,6 +346,11 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
     code_penalty: weight of the mean squared code norm added to the loss.
     log_path: JSON-lines file that receives one record per epoch; None disables it.
     progress: show a tqdm bar (only when stderr is a terminal).
+    mesh: optional device mesh for data-parallel training: the state is replicated over ``axis_name`` and
+      every batch split along it (the batch size must divide by the axis size); the returned parameters are
+      replicated on the mesh. None trains on the default device. A checkpoint written with or without a
+      mesh resumes with or without one.
+    axis_name: the mesh axis to split batches over; the mesh's only axis if None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg`` (e.g. ``epochs=3, seed=1``).
 
   Returns:
@@ -325,6 +358,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
 
   Raises:
     TrainingDiverged: on a non-finite loss or parameter.
+    ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
   x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
@@ -335,13 +369,15 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
     return models.autoencoder_loss(graphdef, p, batch[0], code_penalty=code_penalty)
 
   info = {"model": "autoencoder", "model_config": dataclasses.asdict(model_cfg), "code_penalty": code_penalty}
-  params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info)
+  params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info,
+                            mesh, axis_name)
   return graphdef, params, history
 
 
 def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
               train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
               log_path: Optional[str] = None, progress: bool = True,
+              mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
               **overrides: Any) -> Tuple[Any, models.Params, History]:
   """Trains (or resumes, or skips) the Gaussian-prior VAE baseline on the negative ELBO.
 
@@ -354,6 +390,11 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
     obs_std: Gaussian observation noise (point data only).
     log_path: JSON-lines file for per-epoch records.
     progress: show a tqdm bar (only when stderr is a terminal).
+    mesh: optional device mesh for data-parallel training: the state is replicated over ``axis_name`` and
+      every batch split along it (the batch size must divide by the axis size); the returned parameters are
+      replicated on the mesh. None trains on the default device. A checkpoint written with or without a
+      mesh resumes with or without one.
+    axis_name: the mesh axis to split batches over; the mesh's only axis if None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
 
   Returns:
@@ -361,6 +402,7 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
 
   Raises:
     TrainingDiverged: on a non-finite loss or parameter.
+    ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
   x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
@@ -370,14 +412,17 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
     return models.vae_loss(graphdef, p, key, batch[0], beta=beta, obs_std=obs_std)
 
   info = {"model": "vae", "model_config": dataclasses.asdict(model_cfg), "beta": beta, "obs_std": obs_std}
-  params, history, _ = _fit("vae", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info)
+  params, history, _ = _fit("vae", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info, mesh,
+                            axis_name)
   return graphdef, params, history
 
 
 def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.ndarray,
                      labels_test: np.ndarray, model_cfg: models.ClassifierConfig, ckpt_dir: str,
                      train_cfg: Optional[TrainConfig] = None, *, log_path: Optional[str] = None,
-                     progress: bool = True, **overrides: Any) -> Tuple[Any, models.Params, float]:
+                     progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
+                     axis_name: Optional[str] = None,
+                     **overrides: Any) -> Tuple[Any, models.Params, float]:
   """Trains (or resumes, or skips) the evaluation classifier and reports its test accuracy.
 
   Args:
@@ -390,6 +435,11 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
     train_cfg: hyperparameters; defaults to ``TrainConfig()``.
     log_path: JSON-lines file for per-epoch records.
     progress: show a tqdm bar (only when stderr is a terminal).
+    mesh: optional device mesh for data-parallel training: the state is replicated over ``axis_name`` and
+      every batch split along it (the batch size must divide by the axis size); the returned parameters are
+      replicated on the mesh. None trains on the default device. A checkpoint written with or without a
+      mesh resumes with or without one.
+    axis_name: the mesh axis to split batches over; the mesh's only axis if None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
 
   Returns:
@@ -397,6 +447,7 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
 
   Raises:
     TrainingDiverged: on a non-finite loss or parameter.
+    ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
   x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
@@ -415,7 +466,8 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
     return models.classifier_loss(graphdef, p, batch[0], batch[1])
 
   info = {"model": "classifier", "model_config": dataclasses.asdict(model_cfg)}
-  params, _, _ = _fit("classifier", params, loss_fn, (x, y), ckpt_dir, cfg, log_path, progress, info)
+  params, _, _ = _fit("classifier", params, loss_fn, (x, y), ckpt_dir, cfg, log_path, progress, info,
+                        mesh, axis_name)
   predict = jax.jit(lambda xb: jnp.argmax(models.classifier_logits(graphdef, params, xb), axis=-1))
   predictions = batched_apply(predict, xt, batch_size=1024)
   accuracy = float(np.mean(predictions == yt))

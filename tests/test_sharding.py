@@ -95,12 +95,13 @@ def check_assign_equals_single_device_any_tiling():
   mesh = sharding.make_mesh(_NUM_DEVICES)
   single = jax.jit(kernels.assign, static_argnames=("tile_size", "row_chunk", "method"))
 
+  @functools.lru_cache(maxsize=None)
   def sharded(method, tile_size):
     return jax.jit(functools.partial(
         sharding.sharded_assign, mesh, tile_size=tile_size, row_chunk=512, method=method))
 
-  for n in (203, 1001, 3):
-    x = jax.random.normal(jax.random.key(0), (2000, 8))
+  x = jax.random.normal(jax.random.key(0), (2000, 8))
+  for n in (203, 3):
     y = jax.random.normal(jax.random.key(1), (n, 8))
     h = jax.random.normal(jax.random.key(2), (n,))
     for method in ("fused", "argmax"):
@@ -109,8 +110,8 @@ def check_assign_equals_single_device_any_tiling():
         idx, best = sharded(method, tile_size)(x, y, h)
         np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx), err_msg=f"{n} {method}")
         np.testing.assert_allclose(np.asarray(best), np.asarray(ref_best), rtol=1e-6, atol=1e-5)
-  # Rounding-level near-ties split over the devices: copies of target 5 on devices 1 and 3 whose heights
-  # are 2 and 6 ulps higher. The fused rule (lowest index within the band of the global max) picks 5 for
+  # Rounding-level near-ties split over the devices: copies of target 5 on devices 2 and 3 whose heights
+  # are 1 and 3 ulps higher. The fused rule (lowest index within the band of the global max) picks 5 for
   # every tiling; an exact argmax would depend on how each tiling rounds. (Before the band became global,
   # sharding picked 151 or 163 here: the band was relative to each tile's own max.)
   n = 203

@@ -1,5 +1,16 @@
-"""Tests for lsot_jax.train on sklearn's bundled digits: learning, exact resume, divergence, classifier."""
+"""Tests for lsot_jax.train on sklearn's bundled digits: learning, exact resume, divergence, classifier.
+
+Data-parallel training needs ``--xla_force_host_platform_device_count=4`` before JAX starts, so those
+checks run in ONE subprocess (this file executed as a script, ``_CHILD_CHECKS``) that reports each check's
+outcome as JSON; ``test_data_parallel_on_four_devices`` asserts them. The reference is the same training
+run on one device (same seed, same batches), which the other tests check against PCA and exact resumption.
+"""
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
 
 import jax
 import numpy as np
@@ -7,7 +18,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 
-from lsot_jax import models, train
+from lsot_jax import models, sharding, train
 from lsot_jax.checkpoint import StageCheckpointer
 
 
@@ -157,3 +168,132 @@ def test_train_config_validation():
     train.TrainConfig(learning_rate=0.0)
   with pytest.raises(ValueError):
     train.TrainConfig(batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data-parallel training, checked in a 4-device child process.
+
+_NUM_DEVICES = 4
+
+
+def _digits_subset(num):
+  return (load_digits().images[:num] / 16.0).astype(np.float32)[..., None]
+
+
+def _assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol),
+               a, b)
+
+
+def check_autoencoder_mesh_equals_single_device_and_resumes_across():
+  mesh = sharding.make_mesh(_NUM_DEVICES)
+  assert mesh.size == _NUM_DEVICES, jax.devices()
+  x = _digits_subset(640)
+  cfg = train.TrainConfig(seed=2, epochs=2, batch_size=64, learning_rate=3e-3)
+  with tempfile.TemporaryDirectory() as tmp:
+    _, p0, h0 = train.train_autoencoder(x, SMALL_AE, os.path.join(tmp, "one"), cfg, progress=False)
+    _, p1, h1 = train.train_autoencoder(x, SMALL_AE, os.path.join(tmp, "mesh"), cfg, progress=False,
+                                        mesh=mesh)
+    leaf = p1["decoder"]["out"]["kernel"]
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == _NUM_DEVICES
+    assert [r["step"] for r in h1] == [r["step"] for r in h0] == [10, 20]
+    np.testing.assert_allclose([r["loss"] for r in h1], [r["loss"] for r in h0], rtol=1e-5)
+    assert h1[-1]["loss"] < 0.8 * h1[0]["loss"]  # it trained
+    _assert_trees_close(p1, p0)
+    # Interrupted mid-epoch on one device and resumed on the mesh, and the other way round: both reach
+    # the uninterrupted run's parameters and history.
+    for first, second, name in ((None, mesh, "one_then_mesh"), (mesh, None, "mesh_then_one")):
+      ckpt_dir = os.path.join(tmp, name)
+      train.train_autoencoder(x, SMALL_AE, ckpt_dir, cfg, max_steps=13, progress=False, mesh=first)
+      _, resumed, history = train.train_autoencoder(x, SMALL_AE, ckpt_dir, cfg, progress=False,
+                                                    mesh=second)
+      _assert_trees_close(resumed, p0)
+      np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in h0], rtol=1e-5,
+                                 err_msg=name)
+      with StageCheckpointer(ckpt_dir) as ckpt:
+        assert ckpt.is_complete() and ckpt.latest_step() == 20, name
+
+
+def check_vae_mesh_equals_single_device():
+  # The VAE draws per-example noise from the step key: splitting the batch must not change it.
+  mesh = sharding.make_mesh(_NUM_DEVICES)
+  x = _digits_subset(512)
+  cfg = train.TrainConfig(seed=1, epochs=1, batch_size=64, learning_rate=2e-3)
+  with tempfile.TemporaryDirectory() as tmp:
+    _, v0, vh0 = train.train_vae(x, SMALL_AE, os.path.join(tmp, "v0"), cfg, progress=False)
+    _, v1, vh1 = train.train_vae(x, SMALL_AE, os.path.join(tmp, "v1"), cfg, progress=False, mesh=mesh)
+  np.testing.assert_allclose(vh1[0]["loss"], vh0[0]["loss"], rtol=1e-5)
+  _assert_trees_close(v1, v0)
+
+
+def check_batch_must_divide_over_the_mesh():
+  mesh = sharding.make_mesh(_NUM_DEVICES)
+  x = _digits_subset(100)
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      train.train_autoencoder(x, SMALL_AE, os.path.join(tmp, "bad"), epochs=1, batch_size=30,
+                              progress=False, mesh=mesh)
+    except ValueError as e:
+      assert "batch size 30" in str(e) and "divisible by the 4 devices" in str(e), str(e)
+    else:
+      raise AssertionError("batch_size=30 on 4 devices must raise")
+    try:
+      train.train_autoencoder(x, SMALL_AE, os.path.join(tmp, "bad2"), epochs=1, batch_size=32,
+                              progress=False, mesh=mesh, axis_name="batch")
+    except ValueError as e:
+      assert "not in the mesh axes" in str(e), str(e)
+    else:
+      raise AssertionError("an unknown axis must raise")
+
+
+_CHILD_CHECKS = (
+    check_autoencoder_mesh_equals_single_device_and_resumes_across,
+    check_vae_mesh_equals_single_device,
+    check_batch_must_divide_over_the_mesh,
+)
+
+
+def _child_main() -> None:
+  results = {}
+  for check in _CHILD_CHECKS:
+    try:
+      check()
+      results[check.__name__] = "ok"
+    except Exception:  # pylint: disable=broad-except
+      results[check.__name__] = traceback.format_exc()
+  print("RESULTS " + json.dumps(results), flush=True)
+
+
+@pytest.fixture(scope="module")
+def child_results():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_NUM_DEVICES}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
+  assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout}\n{proc.stderr}"
+  return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", [c.__name__ for c in _CHILD_CHECKS])
+def test_data_parallel_on_four_devices(child_results, name):
+  assert child_results[name] == "ok", child_results[name]
+
+
+def test_mesh_of_one_device_trains_like_no_mesh(digits, tmp_path):
+  x = digits[0][:256]
+  cfg = train.TrainConfig(seed=0, epochs=1, batch_size=64, learning_rate=2e-3)
+  _, p0, h0 = train.train_autoencoder(x, SMALL_AE, str(tmp_path / "a"), cfg, progress=False)
+  _, p1, h1 = train.train_autoencoder(x, SMALL_AE, str(tmp_path / "b"), cfg, progress=False,
+                                      mesh=sharding.make_mesh(1))
+  np.testing.assert_allclose(h1[0]["loss"], h0[0]["loss"], rtol=1e-6)
+  _assert_trees_close(p1, p0, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="Mesh"):
+    train.train_autoencoder(x, SMALL_AE, str(tmp_path / "c"), cfg, progress=False, mesh="cpu")
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_numpy_rank_promotion", "raise")
+  _child_main()
