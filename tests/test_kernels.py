@@ -152,7 +152,7 @@ def test_assign_independent_of_tiling_wide(np_rng, method):
     ref_idx, _, gap = _reference(x, y, h)
     clear = gap > 1e-3
   results = []
-  for tile_size, row_chunk in ((8192, 4096), (1024, 256), (1000, 600), (333, 77), (64, 1000)):
+  for tile_size, row_chunk in ((8192, 4096), (1000, 256), (333, 77)):
     idx, _ = kernels.assign(
         jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), tile_size=tile_size, row_chunk=row_chunk,
         method=method,
