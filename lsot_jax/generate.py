@@ -217,6 +217,7 @@ def default_angle_threshold(
     *,
     num_neighbors: int = 8,
     quantile: float = 0.9,
+    factor: float = 2.0,
     num_probe: int = 2048,
     tile_size: int = 4096,
 ) -> jax.Array:
@@ -225,19 +226,30 @@ def default_angle_threshold(
   The angle between facet normals depends on the latent scale (rescaling y by s changes it), so a fixed
   number is only meaningful for one encoder. Instead, the threshold is read off the codes themselves: for
   each code (a probe of at most ``num_probe`` evenly spaced codes), take the angle between its normal and
-  the normal of its ``num_neighbors``-th nearest code in angle (self excluded); the threshold is the
-  ``quantile`` of these angles. Codes of one mode see their few nearest neighbours at small angles, while
-  the angle to another mode is set by the gap between modes, which is larger; so the threshold admits
-  typical within-mode neighbours (the ``quantile`` fraction of codes keep at least ``num_neighbors`` of
-  them) and refuses the singular set between modes as long as modes hold more than ``num_neighbors``
-  codes. The rule follows any rescaling of y, since it is computed on the same scale as the angles it is
-  compared with. Many exact duplicate codes can drive it to 0, which reduces :func:`extended` to
-  :func:`exact`. A config may override it with an explicit number.
+  the normal of its ``num_neighbors``-th nearest code in angle (self excluded); the threshold is
+  ``factor`` times the ``quantile`` of these angles. Codes of one mode see their few nearest neighbours at
+  small angles (the local spacing of the codes), while the angle to another mode is set by the gap between
+  modes; the threshold admits candidates up to ``factor`` times the local spacing, so the ``quantile``
+  fraction of codes can blend with at least ``num_neighbors`` neighbours and with the farther neighbours of
+  a sparse region of their mode, and it refuses the singular set wherever the gap between modes exceeds
+  twice the local spacing (on the ring and grid toys it is 20-50 times larger). The rule follows any
+  rescaling of y, since it is computed on the same scale as the angles it is compared with. Many exact
+  duplicate codes can drive it to 0, which reduces :func:`extended` to :func:`exact`. A config may
+  override it with an explicit number.
+
+  Why ``factor = 2`` (measured on the MNIST run of ``configs/mnist.py``: 60,000 codes in d = 32,
+  10,000 samples, classifier features, top_k 8, default radius): with factor 1 the gate refuses so many
+  within-digit neighbours that ``extended`` is nearly ``exact`` (memorisation rate 0.954 against exact's
+  0.983, Frechet 1.72); factor 1.5 gives 0.835 (Frechet 2.26), factor 2 gives 0.737 (Frechet 3.39,
+  precision 0.942, recall 0.891), and from factor 3 on every top-8 candidate is admitted (0.691, Frechet
+  4.42, precision 0.936): the gate no longer acts. Factor 2 sits where the gate still refuses the tail of
+  the angle distribution yet the generated images are mostly new.
 
   Args:
     y: Array of shape [n, d], codes.
     num_neighbors: which nearest neighbour defines a code's typical within-mode angle (static).
     quantile: quantile over codes, in [0, 1].
+    factor: multiplier (> 0) of the quantile.
     num_probe: how many codes to probe (static); cost O(num_probe * n * d).
     tile_size: codes per tile (static).
 
@@ -250,6 +262,8 @@ def default_angle_threshold(
     raise ValueError(f"quantile must be in [0, 1], got {quantile}.")
   if int(num_neighbors) < 1 or int(num_probe) < 1:
     raise ValueError("num_neighbors and num_probe must be >= 1.")
+  if not float(factor) > 0.0:
+    raise ValueError(f"factor must be > 0, got {factor}.")
   n = y.shape[0]
   if n < 2:
     return jnp.zeros((), y.dtype)
@@ -263,7 +277,7 @@ def default_angle_threshold(
   self_in_first_k = jnp.any(idx[:, :k] == probe[:, None], axis=1)
   kth = jnp.where(self_in_first_k, idx[:, k], idx[:, k - 1])
   angles = normal_angles(y[probe], y[kth])
-  return jnp.quantile(angles, quantile)
+  return factor * jnp.quantile(angles, quantile)
 
 
 def default_blend_radius(

@@ -17,7 +17,7 @@ _soft = jax.jit(gen.soft, static_argnames=("chunk_size", "tile_size"))
 _top_k_cells = jax.jit(gen.top_k_cells, static_argnames=("k", "chunk_size", "tile_size"))
 _default_angle_threshold = jax.jit(
     gen.default_angle_threshold,
-    static_argnames=("num_neighbors", "quantile", "num_probe", "tile_size"))
+    static_argnames=("num_neighbors", "quantile", "factor", "num_probe", "tile_size"))
 _default_blend_radius = jax.jit(gen.default_blend_radius, static_argnames=("chunk_size", "tile_size"))
 
 
@@ -175,7 +175,9 @@ def test_default_angle_threshold_matches_brute_force(np_rng):
   angles = 2 * np.arcsin(np.clip(chord / 2, 0, 1))
   np.fill_diagonal(angles, np.inf)
   kth = np.sort(angles, axis=1)[:, k - 1]
-  np.testing.assert_allclose(thr, np.quantile(kth, q), rtol=1e-4)
+  np.testing.assert_allclose(thr, 2.0 * np.quantile(kth, q), rtol=1e-4)
+  thr_1 = float(_default_angle_threshold(jnp.asarray(y), num_neighbors=k, quantile=q, factor=1.0))
+  np.testing.assert_allclose(thr_1, np.quantile(kth, q), rtol=1e-4)
   # The angle is scale-dependent, and the rule follows the rescaling.
   thr10 = float(_default_angle_threshold(jnp.asarray(10 * y), num_neighbors=k, quantile=q))
   assert abs(thr10 - thr) > 1e-3
@@ -326,6 +328,8 @@ def test_bad_shapes_raise():
     gen.exact(jnp.zeros((4, 3)), jnp.zeros((3, 2)), jnp.zeros((3,)))
   with pytest.raises(ValueError, match="temperature"):
     gen.soft(jnp.zeros((4, 2)), jnp.zeros((3, 2)), jnp.zeros((3,)), temperature=0.0)
+  with pytest.raises(ValueError, match="factor must be > 0"):
+    gen.default_angle_threshold(jnp.ones((5, 2)), factor=0.0)
 
 
 @pytest.mark.parametrize("mode,kwargs", [
