@@ -14,7 +14,7 @@ fields (``ot.<field>``) and of ``seed`` (the solver's key) is fitted in one vmap
 static settings, on the codes of this workdir (the ae and encode stages run first if they are not finished)::
 
   python launch.py --config configs/eight_gaussians.py:smoke --workdir /tmp/ring \\
-      --scan ot.learning_rate=0.1,0.3,1.0 --scan seed=0,1,2
+      --scan ot.learning_rate=0.3,1.0,3.0 --scan seed=0,1,2
 
 writes ``<workdir>/scan/scan.csv``, ``scan.md`` (printed too) and ``scan.png``: per setting, the final L1
 marginal error on ``ot.marginal_samples`` source points and quality metrics of its ``exact`` samples. The

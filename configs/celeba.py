@@ -16,7 +16,7 @@ Command:
   python launch.py --config configs/celeba.py:smoke --workdir /tmp/celeba_smoke --config.data.data_dir=DIR
   # Step-size x seed scan of the OT fit on the same codes (runs the AE first if needed; writes scan/scan.md):
   python launch.py --config configs/celeba.py --workdir runs/celeba --config.data.data_dir=DIR \
-      --scan ot.learning_rate=0.1,0.3,1.0 --scan seed=0,1,2
+      --scan ot.learning_rate=0.3,1.0,3.0 --scan seed=0,1,2
   # Several hosts (same command on each, I = 0..P-1): add
   #   --coordinator_address=HOST0:PORT --num_processes=P --process_id=I
 
