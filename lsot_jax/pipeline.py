@@ -856,8 +856,7 @@ def _soft_temperature(r: _Run, problem, potential) -> float:
   if sm.soft_temperature is not None:
     return float(sm.soft_temperature)
   probe = problem.source.sample(r.key(_SALT_SAMPLE, 99), 2048)
-  vals, _ = generate.top_k_cells(probe, potential.y, potential.h, 2)
-  return float(sm.soft_relative * jnp.median(vals[:, 0] - vals[:, 1]))
+  return float(sm.soft_relative * solver_lib.score_gap(probe, potential.y, potential.h))
 
 
 def _method_sampler(r: _Run, method: str, problem, potential, fit_key

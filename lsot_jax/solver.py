@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lsot_jax import generate
 from lsot_jax import kernels
 from lsot_jax import sources as sources_lib
 
@@ -167,7 +168,7 @@ def make_problem(
   if int((w_np > 0).sum()) >= 2:
     x = source.sample(jax.random.key(_GAP_PROBE_SEED), _GAP_PROBE)
     h_voronoi = _masked_heights(_voronoi_heights(y32, w32), w32)
-    scale = float(_jit_score_gap(x, y32, h_voronoi, row_chunk=max(1, min(1024, 2**24 // n))))
+    scale = float(_jit_score_gap(x, y32, h_voronoi))
   if not (math.isfinite(scale) and scale > 0.0):
     mean = (w_np[:, None] * y_np).sum(0)
     scale = math.sqrt(float((w_np * ((y_np - mean) ** 2).sum(1)).sum())) or 1.0
@@ -192,25 +193,16 @@ def score_gap(x: jax.Array, y: jax.Array, h: jax.Array, *, row_chunk: int = 1024
     x: Array of shape [M, d], points (source samples).
     y: Array of shape [n, d], codes, n >= 2.
     h: Array of shape [n], heights (-1e30 for cells that never win).
-    row_chunk: rows of x scored at once (static); memory O(row_chunk * n).
+    row_chunk: rows of x scored at once (static); memory O(row_chunk * tile), tiled by
+      :func:`lsot_jax.generate.top_k_cells`.
 
   Returns:
     Scalar array.
   """
   if y.ndim != 2 or y.shape[0] < 2 or x.ndim != 2 or x.shape[1] != y.shape[1] or h.shape != y.shape[:1]:
     raise ValueError(f"score_gap needs x [M, d], y [n >= 2, d], h [n]; got {x.shape}, {y.shape}, {h.shape}.")
-  m = x.shape[0]
-  chunk = max(1, min(int(row_chunk), m))
-  num_chunks = -(-m // chunk)
-  x_pad = jnp.pad(x, ((0, num_chunks * chunk - m), (0, 0)))
-
-  def gaps(xc):
-    scores = jnp.matmul(xc, y.T, precision=jax.lax.Precision.HIGHEST) + h[None, :]
-    top2 = jax.lax.top_k(scores, 2)[0]
-    return top2[:, 0] - top2[:, 1]
-
-  g = jax.lax.map(gaps, x_pad.reshape(num_chunks, chunk, -1)).reshape(-1)[:m]
-  return jnp.median(g)
+  vals, _ = generate.top_k_cells(x, y, h, 2, chunk_size=max(1, min(int(row_chunk), x.shape[0])))
+  return jnp.median(vals[:, 0] - vals[:, 1])
 
 
 _jit_score_gap = jax.jit(score_gap, static_argnames=("row_chunk",))

@@ -7,15 +7,11 @@ References are independent: a float64 NumPy argmax / bincount, and the single-de
 """
 import dataclasses
 import functools
-import json
-import os
-import subprocess
-import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import multidevice
 import pytest
 
 from lsot_jax import kernels
@@ -217,28 +213,9 @@ _CHILD_CHECKS = (
 )
 
 
-def _child_main() -> None:
-  results = {}
-  for check in _CHILD_CHECKS:
-    try:
-      check()
-      results[check.__name__] = "ok"
-    except Exception:  # pylint: disable=broad-except
-      results[check.__name__] = traceback.format_exc()
-  print("RESULTS " + json.dumps(results), flush=True)
-
-
 @pytest.fixture(scope="module")
 def child_results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_NUM_DEVICES}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_NUMPY_RANK_PROMOTION"] = "raise"
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-  assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout}\n{proc.stderr}"
-  return json.loads(lines[-1][len("RESULTS "):])
+  return multidevice.run_child(__file__, _NUM_DEVICES)
 
 
 @pytest.mark.parametrize("name", [c.__name__ for c in _CHILD_CHECKS])
@@ -305,4 +282,4 @@ def test_bad_inputs():
 
 if __name__ == "__main__":
   jax.config.update("jax_numpy_rank_promotion", "raise")
-  _child_main()
+  multidevice.child_main(_CHILD_CHECKS)

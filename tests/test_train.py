@@ -7,12 +7,10 @@ run on one device (same seed, same batches), which the other tests check against
 """
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import traceback
 
 import jax
+import multidevice
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -253,28 +251,9 @@ _CHILD_CHECKS = (
 )
 
 
-def _child_main() -> None:
-  results = {}
-  for check in _CHILD_CHECKS:
-    try:
-      check()
-      results[check.__name__] = "ok"
-    except Exception:  # pylint: disable=broad-except
-      results[check.__name__] = traceback.format_exc()
-  print("RESULTS " + json.dumps(results), flush=True)
-
-
 @pytest.fixture(scope="module")
 def child_results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_NUM_DEVICES}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_NUMPY_RANK_PROMOTION"] = "raise"
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-  assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout}\n{proc.stderr}"
-  return json.loads(lines[-1][len("RESULTS "):])
+  return multidevice.run_child(__file__, _NUM_DEVICES)
 
 
 @pytest.mark.parametrize("name", [c.__name__ for c in _CHILD_CHECKS])
@@ -296,4 +275,4 @@ def test_mesh_of_one_device_trains_like_no_mesh(digits, tmp_path):
 
 if __name__ == "__main__":
   jax.config.update("jax_numpy_rank_promotion", "raise")
-  _child_main()
+  multidevice.child_main(_CHILD_CHECKS)
