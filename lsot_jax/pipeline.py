@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import inspect
 import itertools
 import json
 import logging
@@ -204,8 +203,7 @@ def default_config() -> ml_collections.ConfigDict:
     ot.num_devices: devices the codes (and heights) of the OT fit are sharded over
       (:mod:`lsot_jax.sharding`; n need not divide by it); 1: one device, 0: all of ``jax.devices()``.
       Checkpoints hold the unsharded state, so a run may resume on another device count. The result equals
-      the one-device fit to float tolerance, except where the assignment kernel breaks rounding-level
-      near-ties differently (see :mod:`lsot_jax.sharding`).
+      the one-device fit to float tolerance (the kernel's tie rule is global, see :mod:`lsot_jax.kernels`).
     ot.marginal_samples: source samples for the final cell-mass (marginal error) check.
     sample.methods: generators to run, from :data:`METHODS`.
     sample.num_samples / num_seeds: samples per method and per seed; metrics are averaged over seeds.
@@ -516,17 +514,12 @@ def _device_count(config: ml_collections.ConfigDict, field: str) -> int:
 
 
 def _check_devices(config: ml_collections.ConfigDict) -> None:
-  """Refuses device settings this machine (or this version of the training code) cannot honour."""
+  """Refuses device settings this machine cannot honour, and AE batches that do not split over the devices."""
   _device_count(config, "ot.num_devices")
   ae_devices = _device_count(config, "ae.num_devices")
-  if ae_devices > 1 and config.ae.kind != "identity":
-    if "mesh" not in inspect.signature(train.train_autoencoder).parameters:
-      raise PipelineError("--config.ae.num_devices > 1 needs data-parallel autoencoder training "
-                          "(lsot_jax.train.train_autoencoder(..., mesh=...)), which this version lacks; "
-                          "use --config.ae.num_devices=1.")
-    if config.ae.batch_size % ae_devices:
-      raise PipelineError(f"--config.ae.batch_size={config.ae.batch_size} must be a multiple of the "
-                          f"{ae_devices} devices of --config.ae.num_devices (each device gets an equal share).")
+  if ae_devices > 1 and config.ae.kind != "identity" and config.ae.batch_size % ae_devices:
+    raise PipelineError(f"--config.ae.batch_size={config.ae.batch_size} must be a multiple of the "
+                        f"{ae_devices} devices of --config.ae.num_devices (each device gets an equal share).")
 
 
 def _mesh(config: ml_collections.ConfigDict, field: str) -> Optional[jax.sharding.Mesh]:
@@ -634,12 +627,11 @@ def _stage_ae(r: _Run) -> Dict[str, Any]:
   _write_spec(r.dir("ae"), _stage_specs(cfg)["ae"])
   ds = r.dataset("train")
   mesh = _mesh(cfg, "ae.num_devices")
-  parallel = {} if mesh is None else {"mesh": mesh}
   if mesh is not None:
     r.log(f"ae: training data-parallel on {mesh.size} devices")
   graphdef, params, history = train.train_autoencoder(
       ds.x, r.ae_model_config(), str(r.dir("ae", "ckpt")), r.ae_train_config(cfg.ae.epochs),
-      code_penalty=float(cfg.ae.code_penalty), log_path=str(r.dir("ae") / "metrics.jsonl"), **parallel)
+      code_penalty=float(cfg.ae.code_penalty), log_path=str(r.dir("ae") / "metrics.jsonl"), mesh=mesh)
   r._ae = (graphdef, params)  # pylint: disable=protected-access
   test = r.dataset("test")
   fn = jax.jit(lambda x: models.decode(graphdef, params, models.encode(graphdef, params, x)))
