@@ -191,6 +191,7 @@ def default_config() -> ml_collections.ConfigDict:
     ae.latent_dim / ae.widths: latent dimension d and hidden widths (empty: the model's default).
     ae.epochs / batch_size / learning_rate / weight_decay / checkpoint_every: optax training (Adam);
       ``checkpoint_every`` in steps, 0 = every epoch.
+    ae.lr_schedule: ``"constant"`` or ``"cosine"`` (decays ``learning_rate`` to 0 over the training steps).
     ae.code_penalty: weight of the mean squared code norm (no prior is forced on the codes).
     ae.num_devices: devices the autoencoder training runs data-parallel on (batches sharded, parameters
       replicated); 1: one device, 0: all of ``jax.devices()`` (every host's after multi-host start-up). It
@@ -243,6 +244,7 @@ def default_config() -> ml_collections.ConfigDict:
       epochs=10,
       batch_size=128,
       learning_rate=1e-3,
+      lr_schedule="constant",
       weight_decay=0.0,
       code_penalty=0.0,
       checkpoint_every=0,
@@ -346,6 +348,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("epochs", "batch_size"):
     if ae[field] < 1:
       bad(f"ae.{field}", ae[field], "must be >= 1")
+  if ae.lr_schedule not in train.LR_SCHEDULES:
+    bad("ae.lr_schedule", ae.lr_schedule, f"use one of {', '.join(train.LR_SCHEDULES)}")
   for section, name in ((ae, "ae"), (ot, "ot")):
     if section.num_devices < 0:
       bad(f"{name}.num_devices", section.num_devices, "must be >= 0 (1: one device, 0: all devices)")
@@ -576,7 +580,8 @@ class _Run:
   def ae_train_config(self, epochs: int) -> train.TrainConfig:
     ae = self.config.ae
     return train.TrainConfig(seed=int(self.config.seed), epochs=int(epochs), batch_size=int(ae.batch_size),
-                             learning_rate=float(ae.learning_rate), weight_decay=float(ae.weight_decay),
+                             learning_rate=float(ae.learning_rate), lr_schedule=str(ae.lr_schedule),
+                             weight_decay=float(ae.weight_decay),
                              checkpoint_every=int(ae.checkpoint_every), max_to_keep=2)
 
   def autoencoder(self) -> Tuple[Any, Any]:

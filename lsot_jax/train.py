@@ -47,6 +47,7 @@ from lsot_jax import models
 from lsot_jax import sharding
 
 __all__ = [
+    "LR_SCHEDULES",
     "TrainConfig",
     "TrainingDiverged",
     "batched_apply",
@@ -58,6 +59,7 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 History = List[Dict[str, Any]]
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,7 +71,10 @@ class TrainConfig:
     epochs: number of passes over the data; the stage is complete after ``epochs * (N // batch_size)``
       steps.
     batch_size: examples per step (clipped to N).
-    learning_rate: Adam(W) step size (constant).
+    learning_rate: Adam(W) step size (the peak of the schedule).
+    lr_schedule: ``"constant"``, or ``"cosine"``: decays the step from ``learning_rate`` to 0 over the
+      ``epochs * (N // batch_size)`` steps (half a cosine; the schedule's count is in the checkpointed
+      optimizer state, so a resumed run continues it).
     weight_decay: decoupled weight decay (AdamW); 0 gives Adam.
     grad_clip_norm: clip gradients to this global norm; None disables clipping.
     checkpoint_every: save every this many steps; 0 saves at the end of every epoch.
@@ -83,6 +88,7 @@ class TrainConfig:
   epochs: int = 10
   batch_size: int = 128
   learning_rate: float = 1e-3
+  lr_schedule: str = "constant"
   weight_decay: float = 0.0
   grad_clip_norm: Optional[float] = None
   checkpoint_every: int = 0
@@ -95,6 +101,8 @@ class TrainConfig:
       raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}.")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}.")
     if self.weight_decay < 0 or self.checkpoint_every < 0 or self.max_to_keep < 1 or self.log_every < 1:
       raise ValueError("weight_decay and checkpoint_every must be >= 0, max_to_keep and log_every >= 1.")
     if self.max_steps is not None and self.max_steps < 0:
@@ -173,9 +181,11 @@ def _resolve_config(train_cfg: Optional[TrainConfig], overrides: Dict[str, Any])
   return dataclasses.replace(cfg, **overrides)
 
 
-def _make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  opt = (optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay) if cfg.weight_decay
-         else optax.adam(cfg.learning_rate))
+def _make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  lr: Any = cfg.learning_rate
+  if cfg.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps=max(int(total_steps), 1))
+  opt = optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(lr)
   if cfg.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
   return opt
@@ -226,7 +236,7 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
   stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
   data_spec = {"num_examples": n, "batch_size": bs, "seed": int(cfg.seed), "steps_per_epoch": steps_per_epoch}
 
-  tx = _make_optimizer(cfg)
+  tx = _make_optimizer(cfg, total_steps)
   train_key = place_state(jax.random.fold_in(jax.random.key(cfg.seed), 1))
   state = place_state(
       {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32)}

@@ -58,6 +58,7 @@ def test_config_diff_names_every_changed_field():
     ("ae__latent_dim", 3, r"ae.latent_dim.*use 2"),
     ("eval__feature_space", "classifier", r"eval.feature_space"),
     ("ot__source", "laplace", r"ot.source"),
+    ("ae__lr_schedule", "linear", r"ae.lr_schedule.*constant, cosine"),
     ("ot__max_batch_size", 1024, r"ot.max_batch_size"),
 ])
 def test_bad_config_values_are_refused_before_work(tmp_path, field, value, match):

@@ -12,6 +12,7 @@ import tempfile
 import jax
 import multidevice
 import numpy as np
+import optax
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
@@ -32,7 +33,7 @@ SMALL_AE = models.AutoencoderConfig(kind="mlp", input_shape=(8, 8, 1), latent_di
 
 def _restore_params(ckpt_dir, graphdef_params, cfg=train.TrainConfig()):
   """Restores the params saved in ckpt_dir, using a freshly built train state as the target."""
-  target = {"params": graphdef_params, "opt_state": train._make_optimizer(cfg).init(graphdef_params),
+  target = {"params": graphdef_params, "opt_state": train._make_optimizer(cfg, 1).init(graphdef_params),
             "step": np.int32(0)}
   with StageCheckpointer(ckpt_dir) as ckpt:
     step, state, meta = ckpt.restore(target)
@@ -166,6 +167,23 @@ def test_train_config_validation():
     train.TrainConfig(learning_rate=0.0)
   with pytest.raises(ValueError):
     train.TrainConfig(batch_size=0)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.TrainConfig(lr_schedule="linear")
+
+
+@pytest.mark.parametrize("schedule,expected", [("constant", 1.0), ("cosine", 0.5)])
+def test_lr_schedule_sets_the_adam_step(schedule, expected):
+  # With a constant gradient, Adam's normalised step is the learning rate itself, so T steps move a parameter
+  # by sum_t lr_t: lr * T for a constant step, lr * T / 2 for a cosine decay to 0 over T steps.
+  total, lr = 400, 1e-2
+  tx = train._make_optimizer(train.TrainConfig(learning_rate=lr, lr_schedule=schedule), total)
+  params = {"w": np.zeros(3, np.float32)}
+  state = tx.init(params)
+  grads = {"w": np.ones(3, np.float32)}
+  for _ in range(total):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(np.asarray(params["w"]), -expected * lr * total, rtol=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------
