@@ -48,11 +48,13 @@ from lsot_jax import sharding
 
 __all__ = [
     "LR_SCHEDULES",
+    "StackedAutoencoders",
     "TrainConfig",
     "TrainingDiverged",
     "batched_apply",
     "epoch_permutation",
     "train_autoencoder",
+    "train_autoencoders_vmapped",
     "train_classifier",
     "train_vae",
 ]
@@ -382,6 +384,158 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
   params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info,
                             mesh, axis_name)
   return graphdef, params, history
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedAutoencoders:
+  """Autoencoders trained side by side by :func:`train_autoencoders_vmapped`.
+
+  Attributes:
+    graphdef: the graph definition shared by every setting.
+    params: the parameter pytree with a leading settings axis S on every leaf; setting i is
+      ``jax.tree.map(lambda a: a[i], params)``. A diverged setting holds its parameters from before its
+      first non-finite step.
+    epoch_losses: float64 array of shape [S, epochs], the mean training loss of each epoch (the ``loss`` of
+      :func:`train_autoencoder`'s history); NaN from the epoch of a setting's first non-finite step on.
+    diverged_step: int64 array of shape [S], the first step (0-based) whose loss or updated parameters were
+      not finite; -1 for a setting that trained to the end.
+  """
+
+  graphdef: Any
+  params: models.Params
+  epoch_losses: np.ndarray
+  diverged_step: np.ndarray
+
+  @property
+  def final_loss(self) -> np.ndarray:
+    """Float64 array of shape [S], the mean training loss of the last epoch."""
+    return self.epoch_losses[:, -1]
+
+
+def _adam_traced(learning_rate: jax.Array, weight_decay: jax.Array, lr_schedule: str, total_steps: int,
+                 grad_clip_norm: Optional[float]) -> optax.GradientTransformation:
+  """:func:`_make_optimizer` with traced learning rate and weight decay.
+
+  AdamW with ``weight_decay`` 0 adds ``0 * params`` to the Adam direction, which changes no finite value, so
+  one optimizer (one compiled program) serves Adam and AdamW settings alike.
+  """
+  lr: Any = learning_rate
+  if lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(learning_rate, decay_steps=max(int(total_steps), 1))
+  opt = optax.adamw(lr, weight_decay=weight_decay)
+  if grad_clip_norm is not None:
+    opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
+  return opt
+
+
+def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.AutoencoderConfig,
+                               train_cfgs: Sequence[TrainConfig], *,
+                               code_penalties: Optional[Sequence[float]] = None,
+                               log: Optional[Callable[[int, np.ndarray], None]] = None) -> StackedAutoencoders:
+  """Trains one autoencoder per setting, all S settings at once in one vmapped, jitted loop (scans).
+
+  Every setting follows :func:`train_autoencoder` run alone with its ``TrainConfig`` and code penalty, to
+  float tolerance: the same init (``fold_in(key(seed), 0)``), the same data order
+  (:func:`epoch_permutation` of its seed, batch size clipped to N, ``N // batch_size`` steps per epoch) and
+  the same optimizer (Adam, AdamW when ``weight_decay > 0``, constant or cosine schedule). The parameters,
+  optimizer states, learning rates, weight decays, code penalties and per-seed batch indices are stacked
+  along a settings axis and one ``jax.jit(jax.vmap(...))`` epoch function (a ``lax.scan`` over the steps
+  of an epoch, the training data on the device, a per-setting batch gather) is compiled once and called
+  once per epoch.
+
+  Nothing is checkpointed (a scan is a re-runnable experiment) and nothing is sharded. A setting whose loss
+  or parameters become non-finite does not stop the others: it is marked (``diverged_step``), its
+  parameters stay those before that step and its later losses are NaN; the caller decides what to do (the
+  pipeline's scan reports it in the setting's row).
+
+  Memory: the S models train at the same time, so parameters, gradients, the two Adam moments and the
+  activations of one batch all cost S times those of one run (no bound is enforced here).
+
+  Args:
+    x_train: array of shape [N, *model_cfg.input_shape].
+    model_cfg: the architecture, shared by every setting.
+    train_cfgs: one :class:`TrainConfig` per setting. ``seed``, ``learning_rate`` and ``weight_decay`` may
+      differ; ``epochs``, ``batch_size``, ``lr_schedule`` and ``grad_clip_norm`` set shapes or the
+      program and must be equal (group the settings by them and call once per group); ``max_steps`` must
+      be None; the checkpoint and logging fields are ignored.
+    code_penalties: per-setting weight of the mean squared code norm (length S); zeros if None.
+    log: called after every epoch as ``log(epoch, losses)`` with the 1-based epoch and float64 array of
+      shape [S], the epoch's mean losses.
+
+  Returns:
+    A :class:`StackedAutoencoders`.
+
+  Raises:
+    ValueError: no settings, settings that differ in a static field, ``max_steps`` set, code penalties of
+      the wrong length, or badly shaped data.
+  """
+  cfgs = list(train_cfgs)
+  if not cfgs or not all(isinstance(c, TrainConfig) for c in cfgs):
+    raise ValueError("train_cfgs must be a non-empty sequence of TrainConfig.")
+  static = [(c.epochs, c.batch_size, c.lr_schedule, c.grad_clip_norm) for c in cfgs]
+  if len(set(static)) != 1:
+    raise ValueError("All settings of one vmapped training must share epochs, batch_size, lr_schedule and "
+                     f"grad_clip_norm (they set shapes or the program); got {sorted(set(static), key=str)}. "
+                     "Group the settings by them and call once per group.")
+  if any(c.max_steps is not None for c in cfgs):
+    raise ValueError("train_autoencoders_vmapped trains every epoch; max_steps must be None.")
+  penalties = [0.0] * len(cfgs) if code_penalties is None else [float(p) for p in code_penalties]
+  if len(penalties) != len(cfgs):
+    raise ValueError(f"code_penalties has {len(penalties)} values for {len(cfgs)} settings.")
+  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  n = int(x.shape[0])
+  if n == 0:
+    raise ValueError("x_train must be non-empty.")
+  first = cfgs[0]
+  bs = min(first.batch_size, n)
+  steps_per_epoch = n // bs
+  total_steps = first.epochs * steps_per_epoch
+  make_tx = lambda lr, wd: _adam_traced(lr, wd, first.lr_schedule, total_steps, first.grad_clip_norm)  # pylint: disable=unnecessary-lambda-assignment
+  graphdef, _ = models.init_autoencoder(jax.random.key(0), model_cfg)
+
+  def init_one(key, lr, wd):
+    params = models.init_autoencoder(key, model_cfg)[1]
+    return {"params": params, "opt_state": make_tx(lr, wd).init(params), "step": jnp.asarray(0, jnp.int32),
+            "diverged_step": jnp.asarray(-1, jnp.int32)}
+
+  def epoch_one(state, idx, lr, wd, penalty, x_all):
+    """One epoch of one setting: ``idx`` int32 [steps_per_epoch, bs] -> (state, losses [steps_per_epoch])."""
+    tx = make_tx(lr, wd)
+
+    def loss_fn(p, batch):
+      return models.autoencoder_loss(graphdef, p, batch, code_penalty=penalty)
+
+    def step(state, batch_idx):
+      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x_all[batch_idx])
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      alive = state["diverged_step"] < 0
+      keep = alive & jnp.isfinite(loss) & _all_finite(params)
+      pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)  # pylint: disable=unnecessary-lambda-assignment
+      new_state = {"params": pick(params, state["params"]), "opt_state": pick(opt_state, state["opt_state"]),
+                   "step": state["step"] + 1,
+                   "diverged_step": jnp.where(alive & ~keep, state["step"], state["diverged_step"])}
+      return new_state, jnp.where(keep, loss, jnp.nan)
+
+    return jax.lax.scan(step, state, idx)
+
+  lrs = jnp.asarray([c.learning_rate for c in cfgs], jnp.float32)
+  wds = jnp.asarray([c.weight_decay for c in cfgs], jnp.float32)
+  pens = jnp.asarray(penalties, jnp.float32)
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 0) for c in cfgs])
+  state = jax.jit(jax.vmap(init_one))(keys, lrs, wds)
+  run_epoch = jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, 0, 0, 0, None)), donate_argnums=0)
+  x_dev = jnp.asarray(x)
+  epoch_losses = np.zeros((len(cfgs), first.epochs), np.float64)
+  for epoch in range(first.epochs):
+    idx = np.stack([epoch_permutation(c.seed, epoch, n)[:steps_per_epoch * bs].reshape(steps_per_epoch, bs)
+                    for c in cfgs]).astype(np.int32)
+    state, losses = run_epoch(state, jnp.asarray(idx), lrs, wds, pens, x_dev)
+    epoch_losses[:, epoch] = np.asarray(jax.device_get(losses), np.float64).mean(axis=1)
+    if log is not None:
+      log(epoch + 1, epoch_losses[:, epoch].copy())
+  return StackedAutoencoders(graphdef=graphdef, params=state["params"], epoch_losses=epoch_losses,
+                             diverged_step=np.asarray(jax.device_get(state["diverged_step"]), np.int64))
 
 
 def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
