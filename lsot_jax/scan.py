@@ -9,12 +9,15 @@ A scan is a list of ``(field, values)`` specs, parsed from ``--scan`` strings su
 * Any other ``ot.<field>`` of the solver is static (it sets shapes or the loop structure: batch sizes,
   iteration counts, ...). The settings are grouped by their static values and each group is one vmapped
   call (one compilation per group).
-* Fields outside the solver (``ae.*``, ``data.*``, ...) cannot be scanned here; they raise a ``ValueError``
-  naming the field.
+* :func:`run_ot_scan` fits every setting to one shared problem and refuses fields outside the solver
+  (``ae.*``, ``data.*``, ...) with a ``ValueError`` naming the field. :func:`fit_ot_settings`, the engine
+  under it, also takes one problem per setting (the same shapes, stacked and vmapped with the settings):
+  :func:`lsot_jax.pipeline.run_scan` uses it to fit each scanned autoencoder's own codes, after training the
+  autoencoders with :func:`lsot_jax.train.train_autoencoders_vmapped`.
 
 After the fit, each setting's final L1 marginal error is measured on one fixed, large source sample (the
 same key for every setting), inside the same vmapped call, and an optional host-side quality metric is
-computed per setting. :func:`run_ot_scan` writes ``scan.csv``, ``scan.md`` and ``scan.png``.
+computed per setting. :func:`write_scan_outputs` writes ``scan.csv``, ``scan.md`` and ``scan.png``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ import numpy as np
 from lsot_jax import solver as solver_lib
 
 __all__ = [
+    "STAT_COLUMNS",
     "ScanResult",
+    "fit_ot_settings",
     "parse_scan_specs",
     "run_ot_scan",
     "write_scan_outputs",
@@ -41,7 +46,8 @@ __all__ = [
 ScanSpec = Tuple[str, List[Any]]
 _SEED = "seed"
 _TRACED = ("learning_rate",)
-_STAT_COLUMNS = ("l1", "max_rel", "noise_floor", "iterations", "converged", "diverged")
+# The per-setting statistics of an OT fit, in row order.
+STAT_COLUMNS = ("l1", "max_rel", "noise_floor", "iterations", "converged", "diverged")
 _SOLVER_FIELDS = tuple(f.name for f in dataclasses.fields(solver_lib.BrenierSolver))
 
 
@@ -114,13 +120,16 @@ class ScanResult:
       quality function was given, its metric(s).
     h: float array of shape [num_settings, n], the fitted heights (masked cells at -1e30).
     files: paths of the written outputs (``csv``, ``md``, ``png``); empty if no ``out_dir``.
-    num_calls: number of vmapped, jitted calls (groups of static settings).
+    num_calls: number of vmapped, jitted OT calls (groups of static solver settings).
+    num_ae_calls: number of vmapped, jitted autoencoder trainings (groups of static training settings) of
+      an autoencoder scan (:func:`lsot_jax.pipeline.run_scan`); 0 when the codes are shared.
   """
 
   rows: List[Dict[str, Any]]
   h: np.ndarray
   files: Dict[str, str]
   num_calls: int
+  num_ae_calls: int = 0
 
 
 def run_ot_scan(
@@ -173,31 +182,14 @@ def run_ot_scan(
   eval_key = jax.random.key(12345) if eval_key is None else eval_key
   settings = [dict(zip([f for f, _ in specs], combo)) for combo in itertools.product(*[v for _, v in specs])]
 
-  groups: Dict[Tuple[Tuple[str, Any], ...], List[int]] = {}
-  for i, setting in enumerate(settings):
-    static = tuple(
-        (name, setting[field]) for (field, _), name in zip(specs, names)
-        if name not in _TRACED and name != _SEED
-    )
-    groups.setdefault(static, []).append(i)
-
-  n = problem.num_targets
-  h_all = np.zeros((len(settings), n), np.float32)
-  stats: List[Dict[str, Any]] = [dict() for _ in settings]
-  for static, members in groups.items():
-    solver = solver_lib.BrenierSolver(**{**dict(base_solver_kwargs), **dict(static)})
-    lrs, keys = [], []
-    for i in members:
-      traced = {name: settings[i][field] for (field, _), name in zip(specs, names)}
-      lrs.append(float(traced.get("learning_rate", solver.learning_rate)))
-      keys.append(key_fn(int(traced.get(_SEED, seed))))
-    fit = jax.jit(jax.vmap(
-        _fit_one(solver, num_eval_samples, eval_batch_size), in_axes=(0, 0, None, None)
-    ))
-    out = jax.device_get(fit(jnp.asarray(lrs, jnp.float32), jnp.stack(keys), problem, eval_key))
-    for j, i in enumerate(members):
-      h_all[i] = out["h"][j]
-      stats[i] = {k: out[k][j].item() for k in _STAT_COLUMNS}
+  solver_kwargs, keys = [], []
+  for setting in settings:
+    values = {name: setting[field] for (field, _), name in zip(specs, names)}
+    keys.append(key_fn(int(values.pop(_SEED, seed))))
+    solver_kwargs.append({**dict(base_solver_kwargs), **values})
+  h_all, stats, num_calls = fit_ot_settings(
+      problem, solver_kwargs, keys, eval_key=eval_key, num_eval_samples=num_eval_samples,
+      eval_batch_size=eval_batch_size)
 
   rows = []
   for i, setting in enumerate(settings):
@@ -212,7 +204,81 @@ def run_ot_scan(
         row[quality_name] = float(quality)
     rows.append(row)
   files = write_scan_outputs(rows, out_dir, [f for f, _ in specs]) if out_dir else {}
-  return ScanResult(rows=rows, h=h_all, files=files, num_calls=len(groups))
+  return ScanResult(rows=rows, h=h_all, files=files, num_calls=num_calls)
+
+
+def fit_ot_settings(
+    problem: Union[solver_lib.SemidiscreteProblem, Sequence[solver_lib.SemidiscreteProblem]],
+    solver_kwargs: Sequence[Mapping[str, Any]],
+    keys: Sequence[jax.Array],
+    *,
+    problem_index: Optional[Sequence[int]] = None,
+    eval_key: Optional[jax.Array] = None,
+    num_eval_samples: int = 1 << 20,
+    eval_batch_size: int = 65536,
+) -> Tuple[np.ndarray, List[Dict[str, Any]], int]:
+  """Fits one Brenier potential per setting, one ``jax.jit(jax.vmap(...))`` call per group of static settings.
+
+  The settings are grouped by their solver keyword arguments other than ``learning_rate`` (static fields:
+  shapes and loop structure); within a group the learning rates and keys are traced and vmapped. Every
+  group's solver is built (and checked) before the first fit.
+
+  Args:
+    problem: one problem shared by every setting, or a sequence of problems of equal shapes (the same n, d
+      and source structure, e.g. the codes of several autoencoders), picked per setting by
+      ``problem_index``; the problems of a group's members are stacked and vmapped over with the settings.
+    solver_kwargs: per setting, :class:`BrenierSolver` keyword arguments (missing fields: the defaults).
+    keys: per setting, the solver's PRNG key.
+    problem_index: per setting, an index into ``problem`` when it is a sequence; must be None otherwise.
+    eval_key: key of the fixed evaluation sample of the final marginal error (the same for every setting);
+      ``jax.random.key(12345)`` if None.
+    num_eval_samples: source samples of that evaluation.
+    eval_batch_size: samples per batch of that evaluation.
+
+  Returns:
+    ``(h, stats, num_calls)``: float32 array of shape [S, n], the fitted heights (masked cells at -1e30);
+    per setting a dict of ``l1``, ``max_rel``, ``noise_floor``, ``iterations``, ``converged``, ``diverged``
+    (Python scalars); the number of vmapped calls.
+
+  Raises:
+    ValueError: lengths that do not match, a ``problem_index`` without a sequence of problems (or the
+      reverse), or solver settings that make an invalid solver.
+  """
+  shared = isinstance(problem, solver_lib.SemidiscreteProblem)
+  if len(keys) != len(solver_kwargs) or (problem_index is not None and len(problem_index) != len(keys)):
+    raise ValueError(f"Got {len(solver_kwargs)} solver settings, {len(keys)} keys and "
+                     f"{'no' if problem_index is None else len(problem_index)} problem indices.")
+  if shared != (problem_index is None):
+    raise ValueError("Give problem_index exactly when problem is a sequence of problems.")
+  problems = [problem] if shared else list(problem)
+  index = [0] * len(keys) if shared else [int(i) for i in problem_index]
+  if any(not 0 <= i < len(problems) for i in index):
+    raise ValueError(f"problem_index must lie in [0, {len(problems)}).")
+  eval_key = jax.random.key(12345) if eval_key is None else eval_key
+  groups: Dict[Tuple[Tuple[str, Any], ...], List[int]] = {}
+  for i, kwargs in enumerate(solver_kwargs):
+    static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in _TRACED))
+    groups.setdefault(static, []).append(i)
+  solvers = {static: solver_lib.BrenierSolver(**dict(static)) for static in groups}
+
+  h_all = np.zeros((len(keys), problems[0].num_targets), np.float32)
+  stats: List[Dict[str, Any]] = [dict() for _ in keys]
+  for static, members in groups.items():
+    solver = solvers[static]
+    lrs = [float(solver_kwargs[i].get("learning_rate", solver.learning_rate)) for i in members]
+    if shared:
+      prob, prob_axis = problems[0], None
+    else:
+      prob, prob_axis = jax.tree.map(lambda *a: jnp.stack(a), *[problems[index[i]] for i in members]), 0
+    fit = jax.jit(jax.vmap(
+        _fit_one(solver, num_eval_samples, eval_batch_size), in_axes=(0, 0, prob_axis, None)
+    ))
+    out = jax.device_get(fit(jnp.asarray(lrs, jnp.float32), jnp.stack([keys[i] for i in members]), prob,
+                             eval_key))
+    for j, i in enumerate(members):
+      h_all[i] = out["h"][j]
+      stats[i] = {k: out[k][j].item() for k in STAT_COLUMNS}
+  return h_all, stats, len(groups)
 
 
 def _fit_one(solver, num_eval_samples, eval_batch_size):
@@ -250,11 +316,12 @@ def write_scan_outputs(
 ) -> Dict[str, str]:
   """Writes the scan table (``scan.csv``, ``scan.md``) and plot (``scan.png``) to ``out_dir``.
 
-  The plot has one panel per metric (``l1`` and any quality columns): one column of points per setting of
-  the non-seed fields, one point per seed, and the seed mean as a red line.
+  The plot has one panel per metric (``l1`` and any other numeric, non-boolean column that is not a scanned
+  field or a solver statistic): one column of points per setting of the non-seed fields, one point per
+  seed, and the mean of the finite values as a red line.
 
   Args:
-    rows: rows from :func:`run_ot_scan`.
+    rows: rows from :func:`run_ot_scan` or :func:`lsot_jax.pipeline.run_scan`.
     out_dir: output folder (created if needed).
     scanned: the scanned field names (plot labels).
 
@@ -284,9 +351,9 @@ def write_scan_outputs(
   for row in rows:
     if _row_label(row, config_fields) not in labels:
       labels.append(_row_label(row, config_fields))
-  fixed = set(scanned) | set(_STAT_COLUMNS)
-  metrics = ["l1"] + [c for c in columns if c not in fixed and c != "l1"
-                      and all(isinstance(r.get(c), (int, float)) for r in rows)]
+  fixed = set(scanned) | set(STAT_COLUMNS)
+  metrics = ["l1"] + [c for c in columns if c not in fixed and c != "l1" and all(
+      isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)]
   fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.2 * len(labels)) * len(metrics), 3.6),
                            squeeze=False)
   for ax, metric in zip(axes[0], metrics):
@@ -297,7 +364,8 @@ def write_scan_outputs(
       if finite:
         ax.hlines(float(np.mean(finite)), k - 0.3, k + 0.3, color="tab:red", lw=2, zorder=2)
     if metric == "l1":
-      floor = float(np.mean([r["noise_floor"] for r in rows]))
+      floors = [float(r["noise_floor"]) for r in rows if math.isfinite(float(r["noise_floor"]))]
+      floor = float(np.mean(floors)) if floors else float("nan")
       ax.axhline(floor, color="grey", ls="--", lw=1, label=f"eval noise floor {floor:.3g}")
       ax.legend(fontsize=7)
       ax.set_ylabel("final L1 marginal error")

@@ -106,3 +106,28 @@ def test_bad_fields(problem):
   del base["max_batch_size"]
   with pytest.raises(ValueError, match="batch_size <= max_batch_size"):
     scan.run_ot_scan(problem, base, ["ot.max_batch_size=256,1024"])
+
+
+def test_per_setting_problems_equal_one_by_one(problem):
+  """Settings on their own problems (stacked and vmapped with them) equal each problem solved alone."""
+  rng = np.random.default_rng(1)
+  y2 = 0.7 * rng.normal(size=(40, 3)).astype(np.float32) + 0.5
+  other = solver_lib.make_problem(y2, source=problem.source)
+  problems = [problem, other]
+  settings = [(0.1, 0, 1), (0.5, 3, 0), (0.1, 3, 1)]  # (learning rate, seed, problem)
+  h, stats, num_calls = scan.fit_ot_settings(
+      problems, [dict(_BASE, learning_rate=lr) for lr, _, _ in settings],
+      [jax.random.key(seed) for _, seed, _ in settings], problem_index=[p for _, _, p in settings],
+      num_eval_samples=4000)
+  assert num_calls == 1 and h.shape == (3, 40) and len(stats) == 3
+  for p in (0, 1):
+    mine = [i for i, s in enumerate(settings) if s[2] == p]
+    expected = _one_by_one(problems[p], [settings[i][:2] for i in mine], **_BASE)
+    np.testing.assert_allclose(h[mine], expected, atol=1e-4)
+  shared_h, _, _ = scan.fit_ot_settings(problem, [dict(_BASE, learning_rate=0.1)], [jax.random.key(3)],
+                                        num_eval_samples=4000)
+  assert not np.allclose(shared_h[0], h[2], atol=1e-2)  # the problem does matter
+  with pytest.raises(ValueError, match="problem_index exactly"):
+    scan.fit_ot_settings(problem, [_BASE], [jax.random.key(0)], problem_index=[0])
+  with pytest.raises(ValueError, match=r"problem_index must lie in \[0, 2\)"):
+    scan.fit_ot_settings(problems, [_BASE], [jax.random.key(0)], problem_index=[2])
