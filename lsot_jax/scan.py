@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -270,15 +271,22 @@ def fit_ot_settings(
       prob, prob_axis = problems[0], None
     else:
       prob, prob_axis = jax.tree.map(lambda *a: jnp.stack(a), *[problems[index[i]] for i in members]), 0
-    fit = jax.jit(jax.vmap(
-        _fit_one(solver, num_eval_samples, eval_batch_size), in_axes=(0, 0, prob_axis, None)
-    ))
+    fit = _vmapped_fit(solver, int(num_eval_samples), int(eval_batch_size), prob_axis)
     out = jax.device_get(fit(jnp.asarray(lrs, jnp.float32), jnp.stack([keys[i] for i in members]), prob,
                              eval_key))
     for j, i in enumerate(members):
       h_all[i] = out["h"][j]
       stats[i] = {k: out[k][j].item() for k in STAT_COLUMNS}
   return h_all, stats, len(groups)
+
+
+@functools.lru_cache(maxsize=16)
+def _vmapped_fit(solver: solver_lib.BrenierSolver, num_eval_samples: int, eval_batch_size: int,
+                 problem_axis: Optional[int]) -> Callable[..., Dict[str, jax.Array]]:
+  """``jax.jit(jax.vmap(_fit_one(...)))``, one per static setting, so later scans in a process reuse its
+  compilations (per shape)."""
+  return jax.jit(jax.vmap(_fit_one(solver, num_eval_samples, eval_batch_size),
+                          in_axes=(0, 0, problem_axis, None)))
 
 
 def _fit_one(solver, num_eval_samples, eval_batch_size):

@@ -21,6 +21,11 @@ def digits():
   return (d.images / 16.0).astype(np.float32)[..., None][:300]
 
 
+def _cfg(**kwargs):
+  """A TrainConfig that checkpoints only at the end (the reference runs stay fast)."""
+  return train.TrainConfig(checkpoint_every=1000, **kwargs)
+
+
 def _setting(params, i):
   return jax.tree.map(lambda a: np.asarray(a[i]), params)
 
@@ -37,8 +42,8 @@ def _assert_matches_one_by_one(x, cfgs, penalties, out, tmp_path):
 
 def test_constant_schedule_settings_equal_one_by_one(digits, tmp_path):
   """Different learning rates, seeds, weight decays (Adam and AdamW) and code penalties in one call."""
-  cfgs = [train.TrainConfig(seed=0, epochs=3, batch_size=64, learning_rate=3e-3),
-          train.TrainConfig(seed=1, epochs=3, batch_size=64, learning_rate=1e-3, weight_decay=0.05)]
+  cfgs = [_cfg(seed=0, epochs=3, batch_size=64, learning_rate=3e-3),
+          _cfg(seed=1, epochs=3, batch_size=64, learning_rate=1e-3, weight_decay=0.05)]
   penalties = [0.0, 0.01]
   logged = []
   out = train.train_autoencoders_vmapped(digits, SMALL_AE, cfgs, code_penalties=penalties,
@@ -56,16 +61,16 @@ def test_constant_schedule_settings_equal_one_by_one(digits, tmp_path):
 def test_cosine_schedule_and_clipped_batch_equal_one_by_one(digits, tmp_path):
   """Cosine decay over the steps, and a batch size above N (clipped to N: one step per epoch)."""
   x = digits[:120]
-  cfgs = [train.TrainConfig(seed=2, epochs=4, batch_size=500, learning_rate=5e-3, lr_schedule="cosine"),
-          train.TrainConfig(seed=3, epochs=4, batch_size=500, learning_rate=2e-3, lr_schedule="cosine",
+  cfgs = [_cfg(seed=2, epochs=4, batch_size=500, learning_rate=5e-3, lr_schedule="cosine"),
+          _cfg(seed=3, epochs=4, batch_size=500, learning_rate=2e-3, lr_schedule="cosine",
                             weight_decay=0.1)]
   out = train.train_autoencoders_vmapped(x, SMALL_AE, cfgs)
   _assert_matches_one_by_one(x, cfgs, [0.0, 0.0], out, tmp_path)
 
 
 def test_a_diverging_setting_is_marked_and_the_others_are_unaffected(digits, tmp_path):
-  cfgs = [train.TrainConfig(seed=0, epochs=2, batch_size=64, learning_rate=1e30),
-          train.TrainConfig(seed=0, epochs=2, batch_size=64, learning_rate=2e-3)]
+  cfgs = [_cfg(seed=0, epochs=2, batch_size=64, learning_rate=1e30),
+          _cfg(seed=0, epochs=2, batch_size=64, learning_rate=2e-3)]
   out = train.train_autoencoders_vmapped(digits, SMALL_AE, cfgs)
   with pytest.raises(train.TrainingDiverged) as info:
     train.train_autoencoder(digits, SMALL_AE, str(tmp_path / "alone"), cfgs[0], progress=False)
