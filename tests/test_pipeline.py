@@ -62,6 +62,7 @@ def test_config_diff_names_every_changed_field():
     ("eval__feature_space", "classifier", r"eval.feature_space"),
     ("ot__source", "laplace", r"ot.source"),
     ("ae__lr_schedule", "linear", r"ae.lr_schedule.*constant, cosine"),
+    ("sample__wgan_learning_rate", 0.0, r"sample.wgan_learning_rate.*positive"),
     ("ot__max_batch_size", 1024, r"ot.max_batch_size"),
 ])
 def test_bad_config_values_are_refused_before_work(tmp_path, field, value, match):
