@@ -469,7 +469,11 @@ def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, o
     if stored is None:
       raise PipelineError(f"{path} is unreadable; restore it, or use --overwrite (the old run is moved aside, "
                           "not deleted) or a new --workdir.")
-    diff = [d for d in config_diff(stored, plain) if d[0] not in _LOCATION_FIELDS]
+    # A field the stored config lacks (a run from a version before the field existed) matches when this
+    # config keeps it at its default, which is the behaviour that version had.
+    defaults = _flatten(_as_plain(default_config()))
+    diff = [(k, a, b) for k, a, b in config_diff(stored, plain) if k not in _LOCATION_FIELDS
+            and not (a == "<absent>" and k in defaults and b == defaults[k])]
     if diff:
       shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:10])
       more = f" (and {len(diff) - 10} more)" if len(diff) > 10 else ""

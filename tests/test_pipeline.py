@@ -127,6 +127,21 @@ def test_workdir_with_other_config_is_refused_naming_fields(tmp_path):
   assert any(str(aside[0]) in line for line in lines)
 
 
+def test_a_field_added_after_the_run_matches_only_at_its_default(tmp_path):
+  # A workdir written before ae.lr_schedule existed: its config.json lacks the field. The default keeps the
+  # old behaviour, so the run continues; a non-default value is a different run.
+  workdir = tmp_path / "run"
+  pipeline.run(_tiny_config(), workdir, stage="ae", log=_quiet([]))
+  stored = json.loads((workdir / "config.json").read_text())
+  del stored["ae"]["lr_schedule"]
+  (workdir / "config.json").write_text(json.dumps(stored))
+  lines = []
+  pipeline.run(_tiny_config(), workdir, stage="ae", log=lines.append)
+  assert "ae: already done, skipping" in lines
+  with pytest.raises(pipeline.ConfigMismatchError, match=r"ae.lr_schedule: '<absent>' -> 'cosine'"):
+    pipeline.run(_tiny_config(ae__lr_schedule="cosine"), workdir, log=_quiet([]))
+
+
 def test_single_stage_needs_the_earlier_stages(tmp_path):
   with pytest.raises(pipeline.PipelineError, match=r"'ot' needs the earlier stage\(s\) \['ae', 'encode'\]"):
     pipeline.run(_tiny_config(), tmp_path / "w", stage="ot", log=_quiet([]))
