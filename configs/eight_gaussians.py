@@ -10,7 +10,8 @@ Command:
   python launch.py --config configs/eight_gaussians.py --workdir runs/ring
   python launch.py --config configs/eight_gaussians.py:smoke --workdir /tmp/ring_smoke   # seconds
 
-Expected runtime (2-core CPU): full ~2 minutes (WGAN-GP is most of it); smoke under 30 seconds.
+Expected runtime (2-core CPU): full ~3 minutes alone, 5.5 measured while other jobs shared the CPU (WGAN-GP's
+20,000 steps and the evaluation are most of it); smoke under 30 seconds.
 Expected metrics (full): see the README table; LSOT exact and extended capture 8/8 modes in every seed with
 >= 98 % high-quality samples; the Gaussian and Sinkhorn-map baselines put mass between the modes.
 """
