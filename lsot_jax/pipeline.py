@@ -1107,8 +1107,7 @@ def _stage_eval(r: _Run) -> Dict[str, Any]:
     draws, meta = _load_samples(r, method)
     decode = r.decoder(meta["decoder"])
     per_seed: List[Dict[str, float]] = []
-    seeds = draws.shape[0] if r.is_points else 1
-    for s in range(seeds):
+    for s in range(draws.shape[0]):
       fake_x = decode(draws[s])
       fake = features(fake_x)
       per_seed.append(evaluate(fake, r.key(_SALT_EVAL, s)))
@@ -1137,7 +1136,7 @@ def _write_metrics(r: _Run, eval_out: Dict[str, Any]) -> Dict[str, Any]:
       "kind": "points" if r.is_points else "image",
       "feature_space": cfg.eval.feature_space,
       "num_samples": int(cfg.sample.num_samples),
-      "num_seeds": int(cfg.sample.num_seeds) if r.is_points else 1,
+      "num_seeds": int(cfg.sample.num_seeds),
       "methods": eval_out["methods"],
       "labels": {m: METHOD_LABELS[m] for m in eval_out["methods"]},
       "stage_seconds": {s: (v or {}).get("seconds") for s, v in stage_info.items()},
