@@ -23,8 +23,10 @@ It also reports the assignment kernel's throughput as a fraction of the machine'
 Usage:
   python benchmarks/bench_suite.py --quick    # n = 1,000, d = 16, one ott point; ~10 min on 2 busy cores
   python benchmarks/bench_suite.py            # n in {1k, 10k, 100k} x d in {16, 64}: for a GPU
+  # part of the full grid on a CPU, one ott-jax grid point, 240 s caps:
+  python benchmarks/bench_suite.py --sizes 10000x16,10000x64 --ott-grid 3e-2:1024 --max-seconds 240
 
-``jax.devices()`` decides where it runs. Results: ``benchmarks/results/suite_<backend>[_quick].json``,
+``jax.devices()`` decides where it runs. Results: ``benchmarks/results/suite_<backend>[_quick | _<sizes>].json``,
 ``.md`` and ``.png``. Absolute times on a shared machine are noise; only the ratios mean anything.
 """
 from __future__ import annotations
@@ -278,18 +280,33 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
                       help="largest dense Sinkhorn cost matrix (quick 2, full 16)")
   parser.add_argument("--sinkhorn-epsilon", type=float, default=0.002,
                       help="Sinkhorn epsilon relative to the mean cost")
+  parser.add_argument("--sizes", default=None,
+                      help="comma-separated NxD problems, e.g. 10000x16,10000x64 (default: the quick or full grid)")
+  parser.add_argument("--ott-grid", default=None,
+                      help="comma-separated lr:batch points of ott-jax's Adam grid, e.g. 3e-2:1024")
   args = parser.parse_args(argv)
   quick = args.quick
+  try:
+    sizes = (tuple(tuple(int(v) for v in item.split("x")) for item in args.sizes.split(","))
+             if args.sizes else (QUICK_GRID if quick else FULL_GRID))
+    ott_grid = (tuple((float(item.split(":")[0]), int(item.split(":")[1])) for item in args.ott_grid.split(","))
+                if args.ott_grid else (QUICK_OTT_GRID if quick else FULL_OTT_GRID))
+  except (ValueError, IndexError):
+    parser.error(f"--sizes takes NxD,... (got {args.sizes!r}); --ott-grid takes lr:batch,... "
+                 f"(got {args.ott_grid!r}).")
+  if any(len(size) != 2 for size in sizes):
+    parser.error(f"--sizes takes NxD,... (got {args.sizes!r}).")
   repeats = args.repeats or (5 if quick else 7)
   max_seconds = args.max_seconds or (60.0 if quick else 600.0)
   memory_cap = (args.memory_cap_gib or (2.0 if quick else 16.0)) * 2**30
   device = jax.devices()[0]
-  tag = f"{jax.default_backend()}{'_quick' if quick else ''}"
+  suffix = "_" + args.sizes.replace(",", "-") if args.sizes else ("_quick" if quick else "")
+  tag = f"{jax.default_backend()}{suffix}"
   os.makedirs(RESULTS, exist_ok=True)
   res = dict(device=device.device_kind,
              platform=f"{jax.default_backend()}, {platform.processor() or platform.machine()}, "
                       f"{os.cpu_count()} cores, jax {jax.__version__}",
-             command="python benchmarks/bench_suite.py" + (" --quick" if quick else ""),
+             command=" ".join(["python benchmarks/bench_suite.py", *(sys.argv[1:] if argv is None else argv)]),
              target_l1=args.target, sinkhorn_epsilon=args.sinkhorn_epsilon,
              plot=os.path.join("benchmarks", "results", f"suite_{tag}.png"))
   print("kernel throughput ...", flush=True)
@@ -297,9 +314,9 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
   for k in res["kernel"]:
     print(f"  d={k['d']}: lsot {k['lsot_fraction']:.0%}, xla argmax {k['xla_argmax_fraction']:.0%}", flush=True)
   res["problems"] = []
-  for n, d in QUICK_GRID if quick else FULL_GRID:
+  for n, d in sizes:
     res["problems"].append(bench_problem(
-        n, d, args.target, max_seconds, memory_cap, QUICK_OTT_GRID if quick else FULL_OTT_GRID,
+        n, d, args.target, max_seconds, memory_cap, ott_grid,
         chunk=20 if quick else 10, sinkhorn_epsilon=args.sinkhorn_epsilon))
     with open(os.path.join(RESULTS, f"suite_{tag}.json"), "w") as f:  # partial results survive a crash
       json.dump(res, f, indent=1)
