@@ -183,11 +183,19 @@ def _resolve_config(train_cfg: Optional[TrainConfig], overrides: Dict[str, Any])
   return dataclasses.replace(cfg, **overrides)
 
 
-def _make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  lr: Any = cfg.learning_rate
+def _make_optimizer(cfg: TrainConfig, total_steps: int, *, learning_rate: Any = None,
+                    weight_decay: Any = None) -> optax.GradientTransformation:
+  """Adam (AdamW when ``weight_decay`` is given or ``cfg.weight_decay > 0``) with ``cfg``'s schedule and clip.
+
+  ``learning_rate`` / ``weight_decay`` override ``cfg``'s and may be traced (vmapped scans): a traced weight
+  decay always gives AdamW, whose ``0 * params`` term changes no finite value, so one program serves Adam and
+  AdamW settings alike.
+  """
+  lr: Any = cfg.learning_rate if learning_rate is None else learning_rate
   if cfg.lr_schedule == "cosine":
-    lr = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps=max(int(total_steps), 1))
-  opt = optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(lr)
+    lr = optax.cosine_decay_schedule(lr, decay_steps=max(int(total_steps), 1))
+  wd = (cfg.weight_decay or None) if weight_decay is None else weight_decay
+  opt = optax.adam(lr) if wd is None else optax.adamw(lr, weight_decay=wd)
   if cfg.grad_clip_norm is not None:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
   return opt
@@ -412,22 +420,6 @@ class StackedAutoencoders:
     return self.epoch_losses[:, -1]
 
 
-def _adam_traced(learning_rate: jax.Array, weight_decay: jax.Array, lr_schedule: str, total_steps: int,
-                 grad_clip_norm: Optional[float]) -> optax.GradientTransformation:
-  """:func:`_make_optimizer` with traced learning rate and weight decay.
-
-  AdamW with ``weight_decay`` 0 adds ``0 * params`` to the Adam direction, which changes no finite value, so
-  one optimizer (one compiled program) serves Adam and AdamW settings alike.
-  """
-  lr: Any = learning_rate
-  if lr_schedule == "cosine":
-    lr = optax.cosine_decay_schedule(learning_rate, decay_steps=max(int(total_steps), 1))
-  opt = optax.adamw(lr, weight_decay=weight_decay)
-  if grad_clip_norm is not None:
-    opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
-  return opt
-
-
 def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.AutoencoderConfig,
                                train_cfgs: Sequence[TrainConfig], *,
                                code_penalties: Optional[Sequence[float]] = None,
@@ -490,7 +482,7 @@ def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.Autoencode
   bs = min(first.batch_size, n)
   steps_per_epoch = n // bs
   total_steps = first.epochs * steps_per_epoch
-  make_tx = lambda lr, wd: _adam_traced(lr, wd, first.lr_schedule, total_steps, first.grad_clip_norm)  # pylint: disable=unnecessary-lambda-assignment
+  make_tx = lambda lr, wd: _make_optimizer(first, total_steps, learning_rate=lr, weight_decay=wd)  # pylint: disable=unnecessary-lambda-assignment
   graphdef, _ = models.init_autoencoder(jax.random.key(0), model_cfg)
 
   def init_one(key, lr, wd):
