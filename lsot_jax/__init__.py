@@ -5,8 +5,13 @@ from a simple source measure is the gradient of a convex piecewise-linear potent
 convex energy (Liu et al. 2018, arXiv 1809.05964). No min-max game is involved.
 
 The numerical core is imported here; the pipeline pieces live in their own modules
-(``lsot_jax.data``, ``models``, ``train``, ``generate``, ``baselines``, ``metrics``, ``pipeline``).
+(``lsot_jax.data``, ``models``, ``train``, ``generate``, ``baselines``, ``metrics``, ``pipeline``). The
+ott-jax conversions (``from_ott_problem``, ``to_ott_output``, ``to_ott_problem``, ``OttSamplerSource``, from
+:mod:`lsot_jax.ott_interop`) are exported too, imported on first use so that ``import lsot_jax`` does not
+import ott-jax.
 """
+import importlib
+
 from lsot_jax.kernels import assign, cell_histogram
 from lsot_jax.solver import (
     BrenierPotential,
@@ -18,19 +23,32 @@ from lsot_jax.solver import (
 )
 from lsot_jax.sources import DiscreteSource, Gaussian, UniformCube, make_source
 
+_OTT_EXPORTS = ("OttSamplerSource", "from_ott_problem", "to_ott_output", "to_ott_problem")
+
 __all__ = [
     "BrenierPotential",
     "BrenierSolver",
     "DiscreteSource",
     "Gaussian",
+    "OttSamplerSource",
     "SemidiscreteProblem",
     "SolverState",
     "UniformCube",
     "assign",
     "cell_histogram",
+    "from_ott_problem",
     "make_problem",
     "make_source",
     "noise_floor_l1",
+    "to_ott_output",
+    "to_ott_problem",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  """Imports the ott-jax conversions of :mod:`lsot_jax.ott_interop` on first access (PEP 562)."""
+  if name in _OTT_EXPORTS:
+    return getattr(importlib.import_module("lsot_jax.ott_interop"), name)
+  raise AttributeError(f"module 'lsot_jax' has no attribute {name!r}")

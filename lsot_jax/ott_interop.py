@@ -20,10 +20,17 @@ ott's default initialisation g = 0 is lsot_jax's Voronoi initialisation h = -|y|
 The Brenier map: for a translation-invariant cost c(x, y) = k(x - y), ott's ``DualPotentials.transport`` is
 x - grad k^*(grad f(x)); for k = |.|^2, grad k^*(z) = z / 2, so T(x) = x - grad f(x) / 2 = grad u_h(x), the
 same map as :meth:`lsot_jax.solver.BrenierPotential.transport`.
+
+Both directions of the objects: :func:`to_ott_output` wraps a fitted :class:`BrenierPotential` and its
+problem into ott's own ``SemidiscreteOutput`` (so ``to_dual_potentials``, ``sample`` and
+``marginal_chi2_error`` run on it unchanged), and :func:`from_ott_problem` turns ott's
+``SemidiscreteLinearProblem`` into a :class:`lsot_jax.solver.SemidiscreteProblem` for lsot_jax's solvers
+(its sampler wrapped as an :class:`OttSamplerSource`); :func:`to_ott_problem` is the inverse.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import dataclasses
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +44,15 @@ from ott.solvers.linear import semidiscrete
 from lsot_jax import solver as solver_lib
 
 __all__ = [
+    "OttSamplerSource",
     "from_ott_output",
+    "from_ott_problem",
     "g_to_h",
     "h_to_g",
     "ott_semidiscrete_solve",
     "to_dual_potentials",
+    "to_ott_output",
+    "to_ott_problem",
 ]
 
 _MASKED_HEIGHT = -1e30
@@ -152,6 +163,173 @@ def from_ott_output(
   return solver_lib.BrenierPotential(y=y, h=h, **potential_kwargs)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OttSamplerSource:
+  """A source measure given by an ott-jax sampler, usable wherever :mod:`lsot_jax.sources` are.
+
+  ott-jax's ``SemidiscretePointCloud`` describes its source by a function ``(rng, shape, dtype) -> array``;
+  wrapped here it has the interface of lsot_jax's sources (``dim``, ``sample(rng, num, dtype)``) and draws
+  exactly ott's points for the same key.
+
+  Attributes:
+    sampler: ott's sampler, called as ``sampler(rng, (num, dim), dtype)``; returns [num, dim] (static, so
+      it must be hashable, as functions are).
+    dim: dimension d (static).
+  """
+
+  sampler: Callable[..., jax.Array] = dataclasses.field(metadata=dict(static=True))
+  dim: int = dataclasses.field(metadata=dict(static=True))
+
+  def sample(self, rng: jax.Array, num: int, dtype=jnp.float32) -> jax.Array:
+    """Draws points with ott's sampler. Returns an array of shape [num, dim].
+
+    Raises:
+      ValueError: the sampler returned another shape.
+    """
+    x = self.sampler(rng, (num, self.dim), dtype)
+    if x.shape != (num, self.dim):
+      raise ValueError(f"The ott sampler returned shape {x.shape} for shape {(num, self.dim)}.")
+    return x
+
+
+def to_ott_problem(
+    problem: solver_lib.SemidiscreteProblem, *, epsilon: float = 0.0
+) -> semidiscrete_linear_problem.SemidiscreteLinearProblem:
+  """ott-jax's ``SemidiscreteLinearProblem`` (squared-Euclidean cost) of an lsot_jax problem.
+
+  The geometry is ``SemidiscretePointCloud(sampler, problem.y, epsilon=epsilon)`` whose sampler draws from
+  ``problem.source`` (the sampler of an :class:`OttSamplerSource` is passed on as it is), and
+  ``b = problem.weights`` (merged duplicate codes have weight 0, see :func:`lsot_jax.solver.make_problem`).
+
+  Args:
+    problem: the problem; codes y [n, d], weights [n].
+    epsilon: ott's entropic regularisation; 0 is the unregularised problem that lsot_jax solves (ott's
+      default ``None`` would pick a relative epsilon, so it is not used).
+
+  Returns:
+    The ott problem.
+
+  Raises:
+    ValueError: a negative ``epsilon``.
+  """
+  if isinstance(epsilon, (int, float)) and epsilon < 0:
+    raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
+  source = problem.source
+  if isinstance(source, OttSamplerSource):
+    sampler = source.sampler
+  else:
+
+    def sampler(key: jax.Array, shape: Tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+      return source.sample(key, shape[0], dtype=dtype)
+
+  geom = semidiscrete_pointcloud.SemidiscretePointCloud(sampler, problem.y, epsilon=epsilon)
+  return semidiscrete_linear_problem.SemidiscreteLinearProblem(geom, b=problem.weights)
+
+
+def from_ott_problem(
+    prob: semidiscrete_linear_problem.SemidiscreteLinearProblem,
+    source: Any = None,
+    *,
+    drop_epsilon: bool = False,
+    merge_duplicates: bool = True,
+) -> solver_lib.SemidiscreteProblem:
+  """lsot_jax's :class:`SemidiscreteProblem` of an ott-jax ``SemidiscreteLinearProblem``.
+
+  The codes are ``prob.geom.y`` [n, d], the weights ``prob.b`` [n] (uniform where ott's ``b`` is None) and
+  the source ott's sampler wrapped as an :class:`OttSamplerSource` (same points for the same key), so
+  :class:`lsot_jax.BrenierSolver` and the other lsot_jax solvers take ott problems directly. The result is
+  validated by :func:`lsot_jax.solver.make_problem` (host side, not jit-able). ott's ``scale_cost``
+  divides the cost by a positive constant, which changes neither the optimal map nor this problem.
+
+  Args:
+    prob: ott's problem, with a ``SemidiscretePointCloud`` geometry and the ``SqEuclidean`` cost.
+    source: an lsot_jax source (e.g. ``lsot_jax.Gaussian(dim=d)``) to use instead of ott's sampler.
+    drop_epsilon: accept an entropically regularised ott problem (``epsilon`` None or > 0) and solve the
+      unregularised one (lsot_jax's solvers have no epsilon).
+    merge_duplicates: passed to :func:`lsot_jax.solver.make_problem`.
+
+  Returns:
+    The problem (float32).
+
+  Raises:
+    TypeError: ``prob`` is not a ``SemidiscreteLinearProblem``.
+    ValueError: another cost than squared-Euclidean; an entropic problem without ``drop_epsilon``; and
+      :func:`lsot_jax.solver.make_problem`'s errors (bad codes or weights, a source of another dimension).
+  """
+  if not isinstance(prob, semidiscrete_linear_problem.SemidiscreteLinearProblem):
+    raise TypeError(f"Expected an ott SemidiscreteLinearProblem; got {type(prob).__name__}.")
+  geom = prob.geom
+  if not isinstance(geom.cost_fn, costs.SqEuclidean):
+    raise ValueError(
+        f"lsot_jax solves the squared-Euclidean problem; this ott problem's cost is "
+        f"{type(geom.cost_fn).__name__}."
+    )
+  if geom.is_entropy_regularized and not drop_epsilon:
+    raise ValueError(
+        "This ott problem is entropically regularised (epsilon None, i.e. ott's relative default, or > 0), "
+        "and lsot_jax solves the unregularised one: build the SemidiscretePointCloud with epsilon=0.0, or "
+        "pass drop_epsilon=True."
+    )
+  y = geom.y
+  if y.ndim != 2:
+    raise ValueError(f"Targets must have shape [n, d]; got shape {y.shape}.")
+  if source is None:
+    source = OttSamplerSource(sampler=geom.sampler, dim=int(y.shape[1]))
+  return solver_lib.make_problem(y, prob.b, source, merge_duplicates=merge_duplicates)
+
+
+def to_ott_output(
+    potential: solver_lib.BrenierPotential,
+    problem: solver_lib.SemidiscreteProblem,
+    *,
+    epsilon: float = 0.0,
+    state: Optional[solver_lib.SolverState] = None,
+) -> semidiscrete.SemidiscreteOutput:
+  """ott-jax's ``SemidiscreteOutput`` of a potential fitted by lsot_jax, for ott's own methods.
+
+  The output holds ``g = 2 h + |y|^2`` (:func:`h_to_g`; masked cells, h = -1e30, get g ~ -2e30 and are never
+  assigned, and ott skips zero-weight targets anyway) and ``to_ott_problem(problem, epsilon=epsilon)``.
+  On it, unchanged ott code gives:
+
+  - ``out.to_dual_potentials()``: ``f(x) = min_j(|x - y_j|^2 - g_j)``, whose ``transport`` of points
+    [M, d] is ``potential.transport`` (ott builds an [M, n] cost matrix; lsot_jax's map is tiled);
+  - ``out.sample(rng, M)``: the hard assignment of M source points (``paired_indices[1]`` equals
+    ``potential.assign`` of ``.geom.x`` [M, d]);
+  - ``out.marginal_chi2_error(rng, num_iters=..., batch_size=...)``: ott's unbiased estimate of the chi^2
+    divergence ``sum_j (w_j - nu_j)^2 / nu_j`` of the cell masses w against the weights nu. ott divides by
+    the weights, so it is NaN when a weight is 0 (e.g. merged duplicate codes), as for ott's own outputs.
+
+  ott-jax 0.6 relies on implicit rank promotion: where ``jax_numpy_rank_promotion`` is ``"raise"``, call
+  these methods under ``jax.numpy_rank_promotion("allow")``. Pure and jit-able.
+
+  Args:
+    potential: the potential fitted on ``problem``; codes y [n, d], heights h [n].
+    problem: its problem; codes [n, d], weights [n], source.
+    epsilon: the ott geometry's epsilon; 0 (unregularised) matches the fitted potential, and a positive
+      value makes ott's methods use soft (entropic) assignments of the same g.
+    state: the solver's final state; its ``it`` and ``converged`` fill ott's fields of the same names.
+      ott's ``losses`` and ``errors`` (dual losses, chi^2 errors) stay None: lsot_jax records energies and
+      L1 errors instead.
+
+  Returns:
+    The ott output.
+
+  Raises:
+    ValueError: codes of another shape than the problem's, or a negative ``epsilon``.
+  """
+  if potential.y.shape != problem.y.shape:
+    raise ValueError(
+        f"The potential's codes {potential.y.shape} do not match the problem's {problem.y.shape}."
+    )
+  prob = to_ott_problem(problem, epsilon=epsilon)
+  it = None if state is None else state.it
+  converged = None if state is None else state.converged
+  return semidiscrete.SemidiscreteOutput(
+      g=h_to_g(potential.h, potential.y), prob=prob, it=it, converged=converged
+  )
+
+
 def ott_semidiscrete_solve(
     rng: jax.Array,
     problem: solver_lib.SemidiscreteProblem,
@@ -201,16 +379,8 @@ def ott_semidiscrete_solve(
     raise ValueError(
         f"num_iterations and batch_size must be positive; got {num_iterations}, {batch_size}."
     )
-  if isinstance(epsilon, (int, float)) and epsilon < 0:
-    raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
-  source = problem.source
   y = problem.y
-
-  def sampler(key: jax.Array, shape: Tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    return source.sample(key, shape[0], dtype=dtype)
-
-  geom = semidiscrete_pointcloud.SemidiscretePointCloud(sampler, y, epsilon=epsilon)
-  prob = semidiscrete_linear_problem.SemidiscreteLinearProblem(geom, b=problem.weights)
+  prob = to_ott_problem(problem, epsilon=epsilon)
   every = num_iterations if error_eval_every is None else error_eval_every
   ott_solver = semidiscrete.SemidiscreteSolver(
       num_iterations=num_iterations,
