@@ -295,13 +295,15 @@ def test_from_ott_problem_and_round_trip(np_rng):
   np.testing.assert_array_equal(np.asarray(again.y), np.asarray(ours.y))
   np.testing.assert_array_equal(np.asarray(again.weights), np.asarray(ours.weights))
   assert again.source.dim == ours.source.dim == 3
-  np.testing.assert_array_equal(np.asarray(again.source.sample(key, 50)), np.asarray(ours.source.sample(key, 50)))
+  np.testing.assert_array_equal(np.asarray(again.source.sample(key, 50)),
+                                np.asarray(ours.source.sample(key, 50)))
   # ours (a Gaussian source) -> ott -> ours; ott's b = None means uniform weights.
   native = solver_lib.make_problem(np_rng.normal(size=(7, 2)), None, sources.Gaussian(dim=2))
   trip = ott_interop.from_ott_problem(ott_interop.to_ott_problem(native))
   np.testing.assert_array_equal(np.asarray(trip.y), np.asarray(native.y))
   np.testing.assert_allclose(np.asarray(trip.weights), np.full(7, 1 / 7), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(trip.source.sample(key, 20)), np.asarray(native.source.sample(key, 20)))
+  np.testing.assert_array_equal(np.asarray(trip.source.sample(key, 20)),
+                                np.asarray(native.source.sample(key, 20)))
   uniform = semidiscrete_linear_problem.SemidiscreteLinearProblem(prob.geom)
   np.testing.assert_allclose(np.asarray(ott_interop.from_ott_problem(uniform).weights), np.full(12, 1 / 12),
                              rtol=1e-6)
