@@ -19,9 +19,9 @@ into codes are provided, all pure functions ``(z, y, h, ...) -> codes [M, d]`` t
 
 Memory: the score matrix [M, n] is never materialised. Rows are processed in chunks of ``chunk_size`` with
 ``lax.map`` and codes in tiles of ``tile_size`` with a ``lax.scan`` (running max / top-k / online softmax),
-so memory is O((M + n) d + chunk_size * tile_size). The running argmax is a top-1 (``lax.top_k``), which on
-XLA:CPU runs about 3x faster than a variadic ``argmax`` reduction (measured: n = 60,000, d = 64). Scores use
-``Precision.HIGHEST`` because the argmax is precision-sensitive on accelerators that default to TF32.
+so memory is O((M + n) d + chunk_size * tile_size). The assignment and the top-k are the kernels of
+:mod:`lsot_jax.kernels`, which owns every tiled reduction and its precision policy (float32 "highest": the
+argmax is precision-sensitive on accelerators that default to TF32).
 """
 from __future__ import annotations
 
@@ -110,10 +110,10 @@ def top_k_cells(
     h: jax.Array,
     k: int,
     *,
-    chunk_size: int = 1024,
-    tile_size: int = 4096,
+    chunk_size: int = 256,
+    tile_size: int = 2048,
 ) -> Tuple[jax.Array, jax.Array]:
-  """The k highest scores <z, y_i> + h_i per sample and their code indices, by a tiled online top-k.
+  """The k highest scores <z, y_i> + h_i per sample and their code indices (:func:`lsot_jax.kernels.top_k`).
 
   Args:
     z: Array of shape [M, d], source samples.
@@ -121,11 +121,11 @@ def top_k_cells(
     h: Array of shape [n], heights.
     k: number of cells to keep (static), 1 <= k <= n.
     chunk_size: rows per chunk (static).
-    tile_size: codes per tile (static); raised to k if smaller.
+    tile_size: codes per tile (static).
 
   Returns:
     (scores, idx): Arrays of shape [M, k] (float, descending) and [M, k] (int32). ``idx[:, 0]`` is the cell
-    of each sample (ties aside).
+    of each sample (the lowest index on exact ties).
   """
   _check_inputs(z, y, h)
   _check_sizes(chunk_size, tile_size)
@@ -133,27 +133,7 @@ def top_k_cells(
   k = int(k)
   if not 1 <= k <= n:
     raise ValueError(f"k must be in [1, n] = [1, {n}], got {k}.")
-  y_tiles, h_tiles, offsets = _tiles(y, h, max(int(tile_size), k))
-  tile = y_tiles.shape[1]
-
-  def chunk_fn(zc):
-    c = zc.shape[0]
-    iota = jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32)[None, :], (c, tile))
-
-    def body(carry, xs):
-      vals, idx = carry
-      yt, ht, off = xs
-      s = _tile_scores(zc, yt, ht)
-      cand_v = jnp.concatenate([vals, s], axis=1)
-      cand_i = jnp.concatenate([idx, iota + off], axis=1)
-      new_v, pos = jax.lax.top_k(cand_v, k)
-      return (new_v, jnp.take_along_axis(cand_i, pos, axis=1)), None
-
-    init = (jnp.full((c, k), -jnp.inf, zc.dtype), jnp.zeros((c, k), jnp.int32))
-    (vals, idx), _ = jax.lax.scan(body, init, (y_tiles, h_tiles, offsets))
-    return vals, idx
-
-  return _map_rows(chunk_fn, z, chunk_size)
+  return kernels.top_k(z, y, h, k, tile_size=int(tile_size), row_chunk=int(chunk_size))
 
 
 def exact(

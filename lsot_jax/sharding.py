@@ -46,11 +46,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsot_jax import kernels
+from lsot_jax import newton as newton_lib
 from lsot_jax import solver as solver_lib
 
 __all__ = [
     "DEFAULT_AXIS",
     "ShardedBrenierSolver",
+    "ShardedNewtonSolver",
     "initialize_distributed",
     "make_mesh",
     "make_sharded_solver",
@@ -63,12 +65,13 @@ __all__ = [
     "shard_problem",
     "sharded_assign",
     "sharded_cell_masses",
+    "sharded_top_k",
     "solve_sharded",
     "unpad_state",
 ]
 
 DEFAULT_AXIS = "devices"
-_PAD_HEIGHT = -1e30
+_PAD_HEIGHT = kernels.MASKED_HEIGHT
 
 
 def make_mesh(
@@ -343,15 +346,86 @@ class ShardedBrenierSolver(solver_lib.BrenierSolver):
     )
 
 
-def make_sharded_solver(
-    solver: solver_lib.BrenierSolver, mesh: Mesh, axis_name: Optional[str] = None
-) -> ShardedBrenierSolver:
-  """The sharded twin of a solver: same hyperparameters, assignment sharded over ``mesh``."""
+def sharded_top_k(
+    mesh: Mesh,
+    x: jax.Array,
+    y: jax.Array,
+    h: jax.Array,
+    k: int,
+    *,
+    axis_name: Optional[str] = None,
+    tile_size: int = 2048,
+    row_chunk: int = 256,
+) -> Tuple[jax.Array, jax.Array]:
+  """:func:`lsot_jax.kernels.top_k` with the targets sharded over a mesh axis (n a multiple of its size).
+
+  Each device computes the top k of its shard; the kernel all-gathers the k candidates of every shard and
+  keeps the global top k, so the result (replicated) equals the single-device one up to exact ties.
+
+  Returns:
+    ``(vals, idx)``: Arrays of shape [M, k], descending scores and global target indices.
+  """
+  axis = _axis(mesh, axis_name)
+  shards = _check_inputs(mesh, axis, x, y, h)
+  if y.shape[0] % shards:
+    raise ValueError(f"n = {y.shape[0]} targets do not split evenly over {shards} devices; pad first.")
+  body = lambda x, y_loc, h_loc: kernels.top_k(  # pylint: disable=unnecessary-lambda-assignment
+      x, y_loc, h_loc, k, tile_size=tile_size, row_chunk=row_chunk, axis_name=axis)
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis, None), P(axis)), out_specs=(P(), P()),
+                       check_vma=False)(x, y, h)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardedNewtonSolver(newton_lib.NewtonSolver):
+  """:class:`lsot_jax.newton.NewtonSolver` whose passes run with the targets sharded over a mesh.
+
+  The top-k, the assignment and the deficits run per shard with collectives (:func:`sharded_top_k`,
+  :func:`sharded_assign`); the counts, the Hessian edge list (global indices) and the conjugate-gradient
+  solve are small and left to XLA's partitioner. Use it on a problem from :func:`shard_problem`.
+
+  Attributes:
+    mesh: the device mesh (static).
+    axis_name: mesh axis of the targets; the mesh's only axis if None (static).
+  """
+
+  mesh: Any = dataclasses.field(default=None, metadata=dict(static=True))
+  axis_name: Optional[str] = dataclasses.field(default=None, metadata=dict(static=True))
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not isinstance(self.mesh, Mesh):
+      raise ValueError(f"ShardedNewtonSolver needs mesh=jax.sharding.Mesh; got {self.mesh!r}.")
+    _axis(self.mesh, self.axis_name)
+
+  def _top_k_cells(self, x, y, h):
+    return sharded_top_k(self.mesh, x, y, h, self.top_k, axis_name=self.axis_name, tile_size=self.tile_size,
+                         row_chunk=self.top_k_row_chunk)
+
+  def _assign(self, x, y, h):
+    return sharded_assign(self.mesh, x, y, h, axis_name=self.axis_name, tile_size=self.tile_size,
+                          row_chunk=self.row_chunk, method=self.method)
+
+  def _column_max_gap(self, x, y, h, best):
+    axis = _axis(self.mesh, self.axis_name)
+    body = lambda x, y_loc, h_loc, best: kernels.column_max_gap(  # pylint: disable=unnecessary-lambda-assignment
+        x, y_loc, h_loc, best, tile_size=self.tile_size, row_chunk=self.top_k_row_chunk)
+    return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(axis, None), P(axis), P()),
+                         out_specs=P(axis), check_vma=False)(x, y, h, best)
+
+
+def make_sharded_solver(solver: Any, mesh: Mesh, axis_name: Optional[str] = None) -> Any:
+  """The sharded twin of a solver (Adam or Newton): same hyperparameters, passes sharded over ``mesh``."""
+  if isinstance(solver, newton_lib.NewtonSolver):
+    fields = {f.name: getattr(solver, f.name) for f in dataclasses.fields(newton_lib.NewtonSolver)}
+    return ShardedNewtonSolver(mesh=mesh, axis_name=axis_name, **fields)
   fields = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver_lib.BrenierSolver)}
   return ShardedBrenierSolver(mesh=mesh, axis_name=axis_name, **fields)
 
 
-def _resize_cells(state: solver_lib.SolverState, fn) -> solver_lib.SolverState:
+def _resize_cells(state: Any, fn) -> Any:
+  if isinstance(state, newton_lib.NewtonState):
+    return dataclasses.replace(state, h=fn(state.h), counts=fn(state.counts))
   return dataclasses.replace(
       state,
       h=fn(state.h),
@@ -360,12 +434,13 @@ def _resize_cells(state: solver_lib.SolverState, fn) -> solver_lib.SolverState:
   )
 
 
-def unpad_state(state: solver_lib.SolverState, n: int) -> solver_lib.SolverState:
-  """Cuts the per-target arrays of a padded solver state (h, Adam moments, window histogram) to n."""
+def unpad_state(state: Any, n: int) -> Any:
+  """Cuts the per-target arrays of a padded solver state (Adam: h, moments, window histogram; Newton: h,
+  counts) to n."""
   return _resize_cells(state, lambda a: a[:n])
 
 
-def pad_state(state: solver_lib.SolverState, size: int) -> solver_lib.SolverState:
+def pad_state(state: Any, size: int) -> Any:
   """Zero-pads the per-target arrays of a solver state to ``size`` (to resume a run on a padded problem)."""
   return _resize_cells(state, lambda a: jnp.pad(a, (0, size - a.shape[0])))
 
@@ -373,7 +448,7 @@ def pad_state(state: solver_lib.SolverState, size: int) -> solver_lib.SolverStat
 def solve_sharded(
     rng: jax.Array,
     problem: solver_lib.SemidiscreteProblem,
-    solver: solver_lib.BrenierSolver,
+    solver: Any,
     mesh: Mesh,
     h_init: Optional[jax.Array] = None,
     *,

@@ -30,7 +30,7 @@ def _reference(x, y, h):
   return idx, best, gap
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 @pytest.mark.parametrize("tile_size,row_chunk", TILINGS)
 def test_assign_matches_float64_argmax(np_rng, method, tile_size, row_chunk):
   x, y, h = _problem(np_rng)
@@ -50,7 +50,7 @@ def test_assign_matches_float64_argmax(np_rng, method, tile_size, row_chunk):
   np.testing.assert_allclose(best, ref_best, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 def test_assign_wide_problem_d64(np_rng, method):
   """Realistic sizes: several target tiles, several row chunks, d = 64 (exercises the blocked matmul)."""
   x, y, h = _problem(np_rng, m=1000, n=3000, d=64)
@@ -67,7 +67,7 @@ def test_assign_wide_problem_d64(np_rng, method):
   np.testing.assert_allclose(np.asarray(best), ref_best, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 def test_assign_single_target(np_rng, method):
   x, y, h = _problem(np_rng, m=17, n=1, d=3)
   idx, best = kernels.assign(jnp.asarray(x), jnp.asarray(y), jnp.asarray(h), method=method, row_chunk=4)
@@ -77,7 +77,7 @@ def test_assign_single_target(np_rng, method):
   )
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 @pytest.mark.parametrize("tile_size", [8192, 2, 3])
 def test_assign_exact_ties_take_lowest_index(method, tile_size):
   """Integer-valued data make the scores exact in float32, so ties are exact ties."""
@@ -136,7 +136,7 @@ def test_fused_near_ties_lowest_index_in_global_band(np_rng, tile_size, row_chun
   np.testing.assert_allclose(np.asarray(best), s64.max(axis=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 def test_assign_independent_of_tiling_wide(np_rng, method):
   """d = 64, n = 3000 with near-tied copies: every tiling gives the float64 reference on unambiguous rows,
   and (scores rounding alike) the same index on all rows."""
@@ -187,7 +187,7 @@ def test_assign_jit_equals_eager(np_rng):
     np.testing.assert_allclose(np.asarray(eager[1]), np.asarray(jitted[1]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 def test_assign_on_compile_time_constants(np_rng, method):
   """Inputs closed over by a jitted function are constants that XLA may fold; the result must not change.
 
@@ -213,7 +213,7 @@ def test_scores_reference(np_rng):
 
 
 def test_default_method_is_valid():
-  assert kernels.default_method() in ("fused", "argmax")
+  assert kernels.default_method() in kernels.METHODS
 
 
 def test_assign_bad_shapes(np_rng):
@@ -241,7 +241,7 @@ def test_cell_histogram_matches_bincount(np_rng):
   )
 
 
-@pytest.mark.parametrize("method", ["fused", "argmax"])
+@pytest.mark.parametrize("method", ["topk", "fused", "argmax"])
 def test_assign_large_problem_needs_no_score_matrix(method):
   """n = 200,000 codes in d = 64, M = 4,096: XLA's temporary buffers stay far below one M x n matrix.
 

@@ -162,6 +162,40 @@ def check_solve_with_weights_and_h_init():
   assert float(pot1.h[7]) == float(pot1.h[11]) == float(np.float32(-1e30))
 
 
+def check_top_k_matches_reference():
+  mesh = sharding.make_mesh(_NUM_DEVICES)
+  fn = jax.jit(functools.partial(sharding.sharded_top_k, mesh, k=4, tile_size=16, row_chunk=128))
+  n = 204  # 51 targets per device
+  x = jax.random.normal(jax.random.key(6), (700, 5))
+  y = jax.random.normal(jax.random.key(7), (n, 5))
+  h = jax.random.normal(jax.random.key(8), (n,))
+  vals, idx = fn(x, y, h)
+  s = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T + np.asarray(h, np.float64)[None, :]
+  order = np.argsort(-s, axis=1)[:, :4]
+  np.testing.assert_array_equal(np.asarray(idx), order)
+  np.testing.assert_allclose(np.asarray(vals), np.take_along_axis(s, order, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def check_newton_solve_equals_single_device():
+  # Uneven n (203 -> 204 padded), clustered codes, Dirichlet weights: same heights and histories.
+  from lsot_jax import newton  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(_NUM_DEVICES)
+  rng = np.random.default_rng(2)
+  centres = 3.0 * rng.normal(size=(4, 6))
+  y = centres[rng.integers(0, 4, size=203)] + rng.normal(size=(203, 6))
+  problem = solver_lib.make_problem(y, rng.dirichlet(np.full(203, 4.0)))
+  solver = newton.NewtonSolver(num_iterations=10, min_samples=1 << 13, max_samples=1 << 15, batch_size=4096)
+  pot0, st0 = jax.jit(solver)(jax.random.key(3), problem)
+  pot1, st1 = sharding.solve_sharded(jax.random.key(3), problem, solver, mesh)
+  assert isinstance(sharding.make_sharded_solver(solver, mesh), sharding.ShardedNewtonSolver)
+  assert pot1.h.shape == (203,) and int(st1.it) == int(st0.it)
+  np.testing.assert_allclose(np.asarray(pot1.h), np.asarray(pot0.h), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(st1.errors), np.asarray(st0.errors), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(st1.counts), np.asarray(st0.counts))
+  np.testing.assert_array_equal(np.asarray(st1.sample_sizes), np.asarray(st0.sample_sizes))
+
+
 def check_data_parallel_step():
   import optax  # pylint: disable=g-import-not-at-top
 
@@ -209,6 +243,8 @@ _CHILD_CHECKS = (
     check_assign_equals_single_device_any_tiling,
     check_solve_equals_single_device,
     check_solve_with_weights_and_h_init,
+    check_top_k_matches_reference,
+    check_newton_solve_equals_single_device,
     check_data_parallel_step,
 )
 

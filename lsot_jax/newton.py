@@ -1,0 +1,610 @@
+"""A Monte-Carlo damped Newton solver for the semi-discrete convex energy.
+
+The energy E(h) = E_{x~mu}[max_i(<x, y_i> + h_i)] - sum_i nu_i h_i (see :mod:`lsot_jax.solver`) has gradient
+w(h) - nu (cell masses minus targets) and Hessian the weighted graph Laplacian of the power diagram,
+
+    H_ij = -(mu-mass of the facet between cells i and j) / |y_i - y_j|,    H_ii = -sum_{j != i} H_ij .
+
+Its small eigenvalues are cluster-level height shifts, the directions that a first-order method crawls along
+on clustered codes; Newton's method removes them (Kitagawa, Merigot, Thibert 2019). Exact-geometry solvers
+(geogram, pysdot) compute facets in 2-D/3-D; in high dimension this solver *samples* them.
+
+**Hessian estimate (gap bands).** For a source sample with top-k scores s_(1) >= s_(2) >= ... (cells i, j_2,
+...), the samples with s_(1) - s_(r) < eps lie in a slab of width eps / |y_i - y_j| on i's side of the facet
+(i, j_r), whose mu-mass is |H_ij| eps. Counting both sides, H_ij ~= -N_ij / (2 M_H eps) over M_H Hessian
+samples; the 1/|y_i - y_j| is already in the score units. Every j among the top k within the band counts
+(in high dimension a point is near many facets at once). eps is the ``band_quantile`` quantile of the gaps
+s_(1) - s_(2): a small quantile keeps the slab thin against a cell (low bias: the count is linear in eps
+only while the slab is thin) but gives few counts per facet (high variance); 0.2 is the default.
+
+**Newton step.** Solve (H + r I) dh = -(w - nu) by Jacobi-preconditioned conjugate gradient on the sampled
+edge list (segment sums), with r = ``regularisation`` times the mean degree (it fixes the constant and any
+disconnected part of the sampled graph), then mean-centre dh. A cell with no Hessian row (it wins no sample
+and is near no facet) is raised by its measured deficit, the height it needs to win the sample where it is
+closest to winning, plus eps (:func:`lsot_jax.kernels.column_max_gap`).
+
+**Damping** (Kitagawa-Merigot-Thibert): try alpha = 1, 1/2, ..., starting from half the previous number of
+halvings (as geogram does), and accept the first step after which no more cells are empty and the L1 error
+fell to at most (1 - alpha / 2) times its value. Both points are evaluated on the *same* samples, so noise
+cannot fake progress.
+
+**Sample growth.** Each stage s fixes one sample of M_s = M_0 * growth^s source points (regenerated from the
+key ``fold_in(rng, s)`` batch by batch, so memory stays O(batch * d + n)) and solves the energy of that
+sample: its minimiser's true error is the sample's own noise, about the floor sqrt(2 n / (pi M_s)). A stage
+ends when the error on its sample is at most ``stage_tol`` times that floor (or the line search stalls, or
+``max_stage_steps`` steps); the next stage warm-starts on a fresh, 4x larger sample. Its first evaluation is
+an independent measurement of the previous stage's heights: from its counts c_i the solver records the
+unbiased chi^2 error
+
+    chi2 = sum_i [ (c_i/M - nu_i)^2 - (c_i/M)(1 - c_i/M)/(M - 1) ] / nu_i ,     L1 <= sqrt(chi2) ,
+
+which stays honest when M is not >> n, and stops as soon as sqrt(chi2) <= ``tol``. After the last stage one
+more fresh sample of the last size verifies the result the same way.
+
+Contract (as :class:`lsot_jax.solver.BrenierSolver`): pure and jit-able (``jax.jit(solver)(rng, problem)``),
+the whole loop on device (one ``lax.while_loop`` per stage), preallocated histories, resumable in chunks of
+steps with identical results, usable under ``jax.vmap`` over keys, and sharded over a mesh by
+:class:`lsot_jax.sharding.ShardedNewtonSolver`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from lsot_jax import kernels
+from lsot_jax import solver as solver_lib
+
+__all__ = [
+    "NewtonSolver",
+    "NewtonState",
+    "gaussian_heights",
+    "hessian_edges",
+    "laplacian_matvec",
+    "pcg",
+]
+
+INITIALISATIONS = ("gaussian", "voronoi", "zero")
+
+
+def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, source_var: jax.Array) -> jax.Array:
+  """Heights of the closed-form map from the source onto a Gaussian fitted to the codes.
+
+  For an isotropic source of mean mu_s and per-coordinate variance v, and codes of weighted mean m and
+  covariance S, the Brenier map onto N(m, S) is T(x) = m + A (x - mu_s) with A = S^(1/2) / sqrt(v). With
+  z_i = y_i - m and h_i = -z_i^T A^(-1) z_i / 2 - <z_i, mu_s>, ``argmax_i <x, y_i> + h_i`` is the code
+  nearest to T(x) in the A^(-1) metric: the semi-discrete start that matches the codes' first two moments.
+  S is regularised by 1e-6 of its mean eigenvalue, so codes in a subspace are fine.
+
+  Args:
+    y: Array of shape [n, d], codes.
+    weights: Array of shape [n], their weights.
+    source_mean: Array of shape [d], the source's mean.
+    source_var: scalar, the source's per-coordinate variance.
+
+  Returns:
+    Array of shape [n].
+  """
+  mean = jnp.sum(weights[:, None] * y, axis=0)
+  z = y - mean[None, :]
+  cov = (weights[:, None] * z).T @ z
+  d = y.shape[1]
+  cov = cov + (1e-6 * jnp.trace(cov) / d + 1e-30) * jnp.eye(d, dtype=y.dtype)
+  evals, evecs = jnp.linalg.eigh(cov)
+  # A^(-1) = sqrt(v) S^(-1/2).
+  a_inv = (evecs * (jnp.sqrt(source_var) / jnp.sqrt(jnp.maximum(evals, 1e-30)))[None, :]) @ evecs.T
+  return -0.5 * jnp.sum((z @ a_inv) * z, axis=1) - z @ source_mean
+
+
+def hessian_edges(
+    vals: jax.Array, idx: jax.Array, num_rows, band_quantile: float
+) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The sampled Hessian as a weighted edge list, from the top-k scores of M_H samples.
+
+  Args:
+    vals: Array of shape [R, k], descending top-k scores (rows that are not samples hold ``-inf``).
+    idx: int32 array of shape [R, k], their cells.
+    num_rows: M_H, the number of real sample rows (a scalar).
+    band_quantile: eps is this quantile of the real rows' gaps s_(1) - s_(2).
+
+  Returns:
+    ``(a, b, w, eps)``: int32 arrays of shape [R * (k - 1)] (edge ends) and the weight array of that shape,
+    w = 1 / (2 M_H eps) for a pair within the band, 0 otherwise; and eps (scalar). The Laplacian of these
+    edges estimates H.
+  """
+  gaps = vals[:, :1] - vals[:, 1:]
+  real = jnp.isfinite(vals[:, 0])
+  first = jnp.where(real & jnp.isfinite(gaps[:, 0]), gaps[:, 0], jnp.nan)
+  eps = jnp.nanquantile(first, band_quantile)
+  eps = jnp.where(jnp.isfinite(eps) & (eps > 0), eps, jnp.nanmax(jnp.where(first > 0, first, jnp.nan)))
+  eps = jnp.where(jnp.isfinite(eps) & (eps > 0), eps, 1.0)
+  in_band = real[:, None] & jnp.isfinite(gaps) & (gaps < eps)
+  w = jnp.where(in_band, 1.0 / (2.0 * jnp.asarray(num_rows, vals.dtype) * eps), 0.0)
+  a = jnp.broadcast_to(idx[:, :1], gaps.shape)
+  return a.reshape(-1), idx[:, 1:].reshape(-1), w.reshape(-1), eps
+
+
+def laplacian_matvec(a: jax.Array, b: jax.Array, w: jax.Array, v: jax.Array) -> jax.Array:
+  """(L v) for the graph Laplacian of the weighted edges (a, b, w): (L v)_i = sum_{e ~ i} w_e (v_i - v_other).
+
+  Args:
+    a: int32 array of shape [E], first ends.
+    b: int32 array of shape [E], second ends.
+    w: Array of shape [E], weights (0 for unused slots).
+    v: Array of shape [n].
+
+  Returns:
+    Array of shape [n].
+  """
+  n = v.shape[0]
+  flow = w * (v[a] - v[b])
+  return jax.ops.segment_sum(flow, a, num_segments=n) - jax.ops.segment_sum(flow, b, num_segments=n)
+
+
+def pcg(matvec, rhs: jax.Array, diag: jax.Array, *, tol: float, max_iter: int) -> Tuple[jax.Array, jax.Array]:
+  """Jacobi-preconditioned conjugate gradient for a symmetric positive definite operator.
+
+  Args:
+    matvec: v [n] -> A v [n].
+    rhs: Array of shape [n].
+    diag: Array of shape [n], positive: the preconditioner diag(A).
+    tol: stop when |r| <= tol |rhs|.
+    max_iter: iteration cap (static).
+
+  Returns:
+    ``(x, iterations)``: Array of shape [n] and a scalar int32.
+  """
+  inv = 1.0 / diag
+  target = (tol * jnp.linalg.norm(rhs)) ** 2
+
+  def cond(c):
+    k, _, r, _, _ = c
+    return (k < max_iter) & (jnp.sum(r * r) > target)
+
+  def body(c):
+    k, x, r, p, rz = c
+    ap = matvec(p)
+    alpha = rz / jnp.maximum(jnp.sum(p * ap), 1e-30)
+    x = x + alpha * p
+    r = r - alpha * ap
+    z = inv * r
+    rz_new = jnp.sum(r * z)
+    p = z + (rz_new / jnp.maximum(rz, 1e-30)) * p
+    return k + 1, x, r, p, rz_new
+
+  z0 = inv * rhs
+  init = (jnp.zeros((), jnp.int32), jnp.zeros_like(rhs), rhs, z0, jnp.sum(rhs * z0))
+  k, x, _, _, _ = jax.lax.while_loop(cond, body, init)
+  return x, k
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NewtonState:
+  """State of :class:`NewtonSolver` (a pytree; checkpoint it to resume).
+
+  ``R`` is the number of Hessian sample rows (:attr:`NewtonSolver.hessian_rows`), k the top-k width, T the
+  history length (``num_iterations``).
+
+  Attributes:
+    it: scalar int32, steps done (an evaluation of a fresh sample or a Newton step).
+    stage: scalar int32, current sample stage (``len(stage_sizes)`` once finished).
+    stage_it: scalar int32, Newton steps taken in the current stage.
+    evaluated: scalar bool, whether ``counts`` ... ``top_idx`` describe ``h`` on the stage's sample.
+    stalled: scalar bool, the last line search found no acceptable step.
+    halvings: scalar int32, halvings of the last accepted step.
+    converged: scalar bool, a fresh evaluation met ``tol``.
+    diverged: scalar bool, a non-finite value appeared.
+    h: Array of shape [n], mean-centred heights.
+    counts: int32 array of shape [n], samples per cell at ``h`` on the stage sample.
+    energy: scalar, E(h) on the stage sample.
+    top_vals: Array of shape [R, k], top-k scores of the Hessian rows at ``h``.
+    top_idx: int32 array of shape [R, k], their cells.
+    samples_scored: scalar float32, source samples scored so far (every pass counted).
+    error_bound: scalar, the last fresh sqrt(chi^2) (inf before the first).
+    errors: Array [T], L1 error of each step's heights on its stage sample.
+    chi2: Array [T], unbiased chi^2 of fresh evaluations (nan for Newton steps).
+    fresh_l1: Array [T], plain L1 of fresh evaluations (nan for Newton steps).
+    sample_sizes: int32 array [T], the stage sample size of each step.
+    scored: Array [T], ``samples_scored`` after each step.
+    energies: Array [T], E(h) after each step.
+    alphas: Array [T], accepted damping (0: rejected; nan: evaluation step).
+    cg_iterations: int32 array [T].
+    empty_cells: int32 array [T], cells with positive weight and no sample after each step.
+  """
+
+  it: jax.Array
+  stage: jax.Array
+  stage_it: jax.Array
+  evaluated: jax.Array
+  stalled: jax.Array
+  halvings: jax.Array
+  converged: jax.Array
+  diverged: jax.Array
+  h: jax.Array
+  counts: jax.Array
+  energy: jax.Array
+  top_vals: jax.Array
+  top_idx: jax.Array
+  samples_scored: jax.Array
+  error_bound: jax.Array
+  errors: jax.Array
+  chi2: jax.Array
+  fresh_l1: jax.Array
+  sample_sizes: jax.Array
+  scored: jax.Array
+  energies: jax.Array
+  alphas: jax.Array
+  cg_iterations: jax.Array
+  empty_cells: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NewtonSolver:
+  """Monte-Carlo damped Newton solver with sample growth (see the module docstring).
+
+  All fields are static.
+
+  Attributes:
+    num_iterations: maximum number of steps (history length); a step is a fresh evaluation or a Newton step.
+    samples_per_cell: the first stage's sample size is the power of two >= this times n (at least
+      ``min_samples``).
+    min_samples: lower bound of the first stage's sample size.
+    max_samples: the largest stage's sample size (the last stage is capped at it).
+    growth: sample-size factor between stages (an integer >= 2).
+    batch_size: source samples per assignment batch (memory O(batch_size * d)).
+    hessian_samples_per_cell: Hessian sample rows per cell (top-k is run on the first
+      ``hessian_rows`` samples of each stage; the rest of the stage sample is only assigned).
+    top_k: cells per sample read for the Hessian (the best and k - 1 runners-up).
+    band_quantile: eps is this quantile of the best-minus-second score gaps.
+    stage_tol: a stage ends when its sample's L1 error is at most this times the sample's noise floor.
+    max_stage_steps: Newton steps per stage at most.
+    max_halvings: the line search tries alpha = 1 ... 2^-max_halvings.
+    regularisation: r = this times the mean Hessian degree is added to the diagonal.
+    cg_tol: relative residual of the conjugate-gradient solve.
+    cg_max_iter: conjugate-gradient iterations at most.
+    tol: stop once a fresh evaluation's sqrt(chi^2) (an upper bound on the L1 error) is at most this.
+    initialisation: ``"gaussian"`` (:func:`gaussian_heights`), ``"voronoi"`` (-|y - m|^2 / 2) or ``"zero"``.
+    verify: after the last stage, measure the result on one more fresh sample of the last size (the final
+      ``error_bound``); without it the last bound is the one measured at the start of the last stage.
+    tile_size: targets per tile in the kernels.
+    row_chunk: source rows per chunk in the assignment kernel.
+    top_k_row_chunk: source rows per chunk in the top-k kernel.
+    method: assignment reduction (``"auto"``, ``"fused"``, ``"argmax"``).
+  """
+
+  num_iterations: int = dataclasses.field(default=64, metadata=dict(static=True))
+  samples_per_cell: int = dataclasses.field(default=16, metadata=dict(static=True))
+  min_samples: int = dataclasses.field(default=16384, metadata=dict(static=True))
+  max_samples: int = dataclasses.field(default=1 << 22, metadata=dict(static=True))
+  growth: int = dataclasses.field(default=4, metadata=dict(static=True))
+  batch_size: int = dataclasses.field(default=65536, metadata=dict(static=True))
+  hessian_samples_per_cell: int = dataclasses.field(default=32, metadata=dict(static=True))
+  top_k: int = dataclasses.field(default=4, metadata=dict(static=True))
+  band_quantile: float = dataclasses.field(default=0.5, metadata=dict(static=True))
+  stage_tol: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  max_stage_steps: int = dataclasses.field(default=8, metadata=dict(static=True))
+  max_halvings: int = dataclasses.field(default=6, metadata=dict(static=True))
+  regularisation: float = dataclasses.field(default=1e-3, metadata=dict(static=True))
+  cg_tol: float = dataclasses.field(default=1e-3, metadata=dict(static=True))
+  cg_max_iter: int = dataclasses.field(default=300, metadata=dict(static=True))
+  tol: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  initialisation: str = dataclasses.field(default="gaussian", metadata=dict(static=True))
+  verify: bool = dataclasses.field(default=True, metadata=dict(static=True))
+  tile_size: int = dataclasses.field(default=8192, metadata=dict(static=True))
+  row_chunk: int = dataclasses.field(default=4096, metadata=dict(static=True))
+  top_k_row_chunk: int = dataclasses.field(default=256, metadata=dict(static=True))
+  method: str = dataclasses.field(default="auto", metadata=dict(static=True))
+
+  def __post_init__(self):
+    if self.initialisation not in INITIALISATIONS:
+      raise ValueError(f"Unknown initialisation {self.initialisation!r}; use one of {INITIALISATIONS}.")
+    if self.growth < 2:
+      raise ValueError(f"growth must be an integer >= 2; got {self.growth}.")
+    if self.top_k < 2:
+      raise ValueError(f"top_k must be >= 2 (the best cell and at least one runner-up); got {self.top_k}.")
+    if not 0.0 < self.band_quantile < 1.0:
+      raise ValueError(f"band_quantile must be in (0, 1); got {self.band_quantile}.")
+    for name in ("num_iterations", "samples_per_cell", "min_samples", "max_samples", "batch_size",
+                 "hessian_samples_per_cell", "max_stage_steps", "cg_max_iter"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+    if self.max_samples < self.min_samples:
+      raise ValueError(f"Need min_samples <= max_samples; got {self.min_samples}, {self.max_samples}.")
+
+  # ---- static schedule ------------------------------------------------------------------------------------
+
+  def stage_sizes(self, n: int) -> Tuple[int, ...]:
+    """Sample size of each solving stage for n targets."""
+    first = max(self.min_samples, 1 << max(0, math.ceil(math.log2(max(1, self.samples_per_cell * n)))))
+    sizes = [min(first, self.max_samples)]
+    while sizes[-1] < self.max_samples:
+      sizes.append(min(sizes[-1] * self.growth, self.max_samples))
+    return tuple(sizes)
+
+  def schedule(self, n: int) -> Tuple[int, ...]:
+    """Sample size of every stage the run goes through: the solving stages, then (``verify``) the
+    verification sample."""
+    sizes = self.stage_sizes(n)
+    return sizes + (sizes[-1],) if self.verify else sizes
+
+  def _batch(self, m: int) -> int:
+    return min(self.batch_size, m)
+
+  def _hessian_batches(self, n: int, m: int) -> int:
+    batch = self._batch(m)
+    return max(1, min(-(-m // batch), -(-self.hessian_samples_per_cell * n // batch)))
+
+  def hessian_rows(self, n: int) -> int:
+    """R: rows of the Hessian buffers (the most Hessian samples any stage uses)."""
+    return max(self._hessian_batches(n, m) * self._batch(m) for m in self.schedule(n))
+
+  # ---- assignment hooks (the sharded solver overrides these) ---------------------------------------------
+
+  def _top_k_cells(self, x, y, h):
+    return kernels.top_k(x, y, h, self.top_k, tile_size=self.tile_size, row_chunk=self.top_k_row_chunk)
+
+  def _assign(self, x, y, h):
+    return kernels.assign(x, y, h, tile_size=self.tile_size, row_chunk=self.row_chunk, method=self.method)
+
+  def _column_max_gap(self, x, y, h, best):
+    return kernels.column_max_gap(x, y, h, best, tile_size=self.tile_size, row_chunk=self.top_k_row_chunk)
+
+  # ---- one pass over a stage sample ----------------------------------------------------------------------
+
+  def _evaluate(self, key, problem, h, m: int) -> Dict[str, jax.Array]:
+    """Counts, energy and Hessian top-k of heights h on the stage sample of size m drawn from ``key``."""
+    n = problem.num_targets
+    nu = problem.weights
+    h_eff = solver_lib.masked_heights(h, nu)
+    batch = self._batch(m)
+    num_batches = -(-m // batch)
+    hess_batches = self._hessian_batches(n, m)
+    rows = self.hessian_rows(n)
+
+    def hess_body(b, carry):
+      counts, total, vals_buf, idx_buf = carry
+      x = problem.source.sample(jax.random.fold_in(key, b), batch)
+      vals, idx = self._top_k_cells(x, problem.y, h_eff)
+      counts = counts + jax.ops.segment_sum(jnp.ones((batch,), jnp.int32), idx[:, 0], num_segments=n)
+      vals_buf = jax.lax.dynamic_update_slice(vals_buf, vals, (b * batch, 0))
+      idx_buf = jax.lax.dynamic_update_slice(idx_buf, idx, (b * batch, 0))
+      return counts, total + jnp.sum(vals[:, 0]), vals_buf, idx_buf
+
+    def assign_body(b, carry):
+      counts, total = carry
+      x = problem.source.sample(jax.random.fold_in(key, b), batch)
+      idx, best = self._assign(x, problem.y, h_eff)
+      counts = counts + jax.ops.segment_sum(jnp.ones((batch,), jnp.int32), idx, num_segments=n)
+      return counts, total + jnp.sum(best)
+
+    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((), jnp.float32),
+            jnp.full((rows, self.top_k), -jnp.inf, jnp.float32), jnp.zeros((rows, self.top_k), jnp.int32))
+    counts, total, vals_buf, idx_buf = jax.lax.fori_loop(0, hess_batches, hess_body, init)
+    if num_batches > hess_batches:
+      counts, total = jax.lax.fori_loop(hess_batches, num_batches, assign_body, (counts, total))
+    size = num_batches * batch
+    energy = total / size - jnp.sum(jnp.where(nu > 0, nu * h, 0.0))
+    return dict(counts=counts, energy=energy, top_vals=vals_buf, top_idx=idx_buf)
+
+  def _deficits(self, key, problem, h, top_vals, m: int) -> jax.Array:
+    """-column_max_gap over the Hessian rows of the stage sample: the raise each cell needs to win one."""
+    n = problem.num_targets
+    h_eff = solver_lib.masked_heights(h, problem.weights)
+    batch = self._batch(m)
+
+    def body(b, acc):
+      x = problem.source.sample(jax.random.fold_in(key, b), batch)
+      best = jax.lax.dynamic_slice(top_vals[:, 0], (b * batch,), (batch,))
+      return jnp.maximum(acc, self._column_max_gap(x, problem.y, h_eff, best))
+
+    gap = jax.lax.fori_loop(0, self._hessian_batches(n, m), body, jnp.full((n,), -jnp.inf, jnp.float32))
+    return -gap
+
+  # ---- the solver ----------------------------------------------------------------------------------------
+
+  def init_heights(self, problem: solver_lib.SemidiscreteProblem) -> jax.Array:
+    """Initial heights of shape [n], mean-centred (see ``initialisation``)."""
+    nu = problem.weights
+    if self.initialisation == "voronoi":
+      h = solver_lib.voronoi_heights(problem.y, nu)
+    elif self.initialisation == "gaussian":
+      probe = problem.source.sample(jax.random.key(0x6A5), 4096)
+      h = gaussian_heights(problem.y, nu, jnp.mean(probe, axis=0), jnp.mean(jnp.var(probe, axis=0)))
+    else:
+      h = jnp.zeros((problem.num_targets,), problem.y.dtype)
+    return solver_lib.centre(h, nu)
+
+  def init(self, problem: solver_lib.SemidiscreteProblem, h_init: Optional[jax.Array] = None) -> NewtonState:
+    """Initial state (a pytree) with preallocated histories."""
+    n = problem.num_targets
+    h = self.init_heights(problem) if h_init is None else solver_lib.centre(h_init, problem.weights)
+    rows = self.hessian_rows(n)
+    t = self.num_iterations
+    f = lambda v: jnp.full((t,), v, jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+    false = jnp.zeros((), bool)
+    return NewtonState(
+        it=jnp.zeros((), jnp.int32), stage=jnp.zeros((), jnp.int32), stage_it=jnp.zeros((), jnp.int32),
+        evaluated=false, stalled=false, halvings=jnp.zeros((), jnp.int32), converged=false, diverged=false,
+        h=h, counts=jnp.zeros((n,), jnp.int32), energy=jnp.zeros((), jnp.float32),
+        top_vals=jnp.full((rows, self.top_k), -jnp.inf, jnp.float32),
+        top_idx=jnp.zeros((rows, self.top_k), jnp.int32),
+        samples_scored=jnp.zeros((), jnp.float32), error_bound=jnp.asarray(jnp.inf, jnp.float32),
+        errors=f(jnp.inf), chi2=f(jnp.nan), fresh_l1=f(jnp.nan), sample_sizes=jnp.zeros((t,), jnp.int32),
+        scored=f(jnp.nan), energies=f(jnp.inf), alphas=f(jnp.nan),
+        cg_iterations=jnp.zeros((t,), jnp.int32), empty_cells=jnp.zeros((t,), jnp.int32),
+    )
+
+  def _l1(self, counts, nu, m):
+    return jnp.sum(jnp.abs(counts.astype(jnp.float32) / m - nu))
+
+  def _num_empty(self, counts, nu):
+    return jnp.sum((counts == 0) & (nu > 0)).astype(jnp.int32)
+
+  def _record(self, state, *, it, error, m, energy, chi2=jnp.nan, fresh_l1=jnp.nan, alpha=jnp.nan, cg=0,
+              empty=0, scored):
+    return dict(
+        errors=state.errors.at[it].set(error), chi2=state.chi2.at[it].set(chi2),
+        fresh_l1=state.fresh_l1.at[it].set(fresh_l1), sample_sizes=state.sample_sizes.at[it].set(m),
+        scored=state.scored.at[it].set(scored), energies=state.energies.at[it].set(energy),
+        alphas=state.alphas.at[it].set(alpha), cg_iterations=state.cg_iterations.at[it].set(cg),
+        empty_cells=state.empty_cells.at[it].set(empty),
+    )
+
+  def _fresh_step(self, rng, problem, state: NewtonState, stage: int, m: int, last: bool) -> NewtonState:
+    """Evaluates h on the stage's fresh sample: an independent error measurement, then Newton can start."""
+    nu = problem.weights
+    ev = self._evaluate(jax.random.fold_in(rng, stage), problem, state.h, m)
+    chi2 = solver_lib.marginal_chi2(ev["counts"], nu, m)
+    l1 = self._l1(ev["counts"], nu, m)
+    bound = jnp.sqrt(jnp.maximum(chi2, 0.0))
+    converged = bound <= self.tol
+    scored = state.samples_scored + m
+    finite = jnp.isfinite(ev["energy"])
+    done = converged | last
+    return dataclasses.replace(
+        state, it=state.it + 1, stage=jnp.where(done, jnp.int32(stage + 1), state.stage),
+        stage_it=jnp.zeros((), jnp.int32), evaluated=~done, stalled=jnp.zeros((), bool),
+        converged=converged, diverged=~finite, counts=ev["counts"], energy=ev["energy"],
+        top_vals=ev["top_vals"], top_idx=ev["top_idx"], samples_scored=scored, error_bound=bound,
+        **self._record(state, it=state.it, error=l1, m=m, energy=ev["energy"], chi2=chi2, fresh_l1=l1,
+                       empty=self._num_empty(ev["counts"], nu), scored=scored),
+    )
+
+  def _newton_step(self, rng, problem, state: NewtonState, stage: int, m: int) -> NewtonState:
+    """One damped Newton step on the stage sample (or the end of the stage)."""
+    nu = problem.weights
+    n = problem.num_targets
+    key = jax.random.fold_in(rng, stage)
+    active = nu > 0
+    error = self._l1(state.counts, nu, m)
+    floor = solver_lib.noise_floor_l1(nu, m)
+    end_stage = (error <= self.stage_tol * floor) | state.stalled | (state.stage_it >= self.max_stage_steps)
+
+    def advance(state):
+      return dataclasses.replace(
+          state, stage=jnp.int32(stage + 1), evaluated=jnp.zeros((), bool), stalled=jnp.zeros((), bool))
+
+    def step(state):
+      grad = state.counts.astype(jnp.float32) / m - nu
+      hess_rows = self._hessian_batches(n, m) * self._batch(m)
+      a, b, w, eps = hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
+      degree = jax.ops.segment_sum(w, a, num_segments=n) + jax.ops.segment_sum(w, b, num_segments=n)
+      # Cells that win no sample get no Newton row: their sampled Hessian rests on a few runner-up counts
+      # and a Newton raise nu_i / H_ii would be huge. They are raised by their deficit + eps instead (they
+      # then win the samples where they came closest), and Newton solves for the others with that raise
+      # as a known boundary value.
+      empty_cells = active & (state.counts == 0)
+      free = active & ~empty_cells & (degree > 0)
+      raise_by = jax.lax.cond(
+          jnp.any(empty_cells),
+          lambda: self._deficits(key, problem, state.h, state.top_vals, m),
+          lambda: jnp.zeros((n,), jnp.float32))
+      raise_by = jnp.where(empty_cells & jnp.isfinite(raise_by), raise_by, 0.0)
+      free_degree = jnp.where(free, degree, 0.0)
+      mean_degree = jnp.sum(free_degree) / jnp.maximum(jnp.sum(free), 1)
+      reg = jnp.where(free, self.regularisation * mean_degree, 1.0)
+      rhs = jnp.where(free, -grad - laplacian_matvec(a, b, w, raise_by), 0.0)
+      mask = free.astype(jnp.float32)
+      matvec = lambda v: mask * laplacian_matvec(a, b, w, mask * v) + reg * v  # pylint: disable=unnecessary-lambda-assignment
+      dh, cg_iters = pcg(matvec, rhs, free_degree + reg, tol=self.cg_tol, max_iter=self.cg_max_iter)
+      dh = jnp.where(free & jnp.isfinite(dh), dh, 0.0)
+      empty = self._num_empty(state.counts, nu)
+      start = jnp.maximum(state.halvings // 2, 0)
+
+      def ls_cond(c):
+        j, accepted, _ = c
+        return (j <= self.max_halvings) & ~accepted
+
+      def ls_body(c):
+        j, _, _ = c
+        alpha = 2.0 ** (-j.astype(jnp.float32))
+        # Empty cells: their deficit in full (less would leave them empty), the margin eps scaled by alpha.
+        h_new = solver_lib.centre(state.h + alpha * dh + jnp.where(empty_cells, raise_by + alpha * eps, 0.0), nu)
+        ev = self._evaluate(key, problem, h_new, m)
+        err_new = self._l1(ev["counts"], nu, m)
+        ok = (err_new <= (1.0 - alpha / 2.0) * error) & (self._num_empty(ev["counts"], nu) <= empty)
+        ok = ok & jnp.isfinite(ev["energy"])
+        return j + 1, ok, dict(ev, h=h_new)
+
+      template = dict(self._evaluate_shapes(problem, state), h=state.h)
+      j, accepted, ev = jax.lax.while_loop(ls_cond, ls_body, (start, jnp.zeros((), bool), template))
+      trials = (j - start).astype(jnp.float32)
+      extra = jnp.where(jnp.any(empty_cells), hess_rows, 0)
+      scored = state.samples_scored + trials * m + extra
+      alpha = jnp.where(accepted, 2.0 ** (-(j - 1).astype(jnp.float32)), 0.0)
+      keep = lambda new, old: jnp.where(accepted, new, old)  # pylint: disable=unnecessary-lambda-assignment
+      counts = keep(ev["counts"], state.counts)
+      new_error = self._l1(counts, nu, m)
+      energy = keep(ev["energy"], state.energy)
+      return dataclasses.replace(
+          state, it=state.it + 1, stage_it=state.stage_it + 1, stalled=~accepted,
+          halvings=jnp.where(accepted, j - 1, state.halvings), h=keep(ev["h"], state.h), counts=counts,
+          energy=energy, top_vals=keep(ev["top_vals"], state.top_vals),
+          top_idx=keep(ev["top_idx"], state.top_idx), samples_scored=scored,
+          **self._record(state, it=state.it, error=new_error, m=m, energy=energy, alpha=alpha, cg=cg_iters,
+                         empty=self._num_empty(counts, nu), scored=scored),
+      )
+
+    return jax.lax.cond(end_stage, advance, step, state)
+
+  def _evaluate_shapes(self, problem, state: NewtonState) -> Dict[str, jax.Array]:
+    return dict(counts=state.counts, energy=state.energy, top_vals=state.top_vals, top_idx=state.top_idx)
+
+  def run(self, rng: jax.Array, problem: solver_lib.SemidiscreteProblem, state: NewtonState,
+          num_steps=None) -> NewtonState:
+    """Continues a run for at most ``num_steps`` steps (all remaining if None).
+
+    Stage s draws its sample from ``fold_in(rng, s)``, so a run split into chunks (for checkpointing) gives
+    the same result as one call.
+
+    Returns:
+      The new state; it stops once converged, diverged, past the verification stage or out of steps.
+    """
+    end = jnp.asarray(self.num_iterations, jnp.int32)
+    if num_steps is not None:
+      end = jnp.minimum(end, state.it + jnp.asarray(num_steps, jnp.int32))
+    sizes = self.schedule(problem.num_targets)
+    for stage, m in enumerate(sizes):
+      last = self.verify and stage == len(sizes) - 1
+
+      def cond(s, stage=stage):
+        return (s.stage == stage) & (s.it < end) & ~s.converged & ~s.diverged
+
+      def body(s, stage=stage, m=m, last=last):
+        if last:
+          return self._fresh_step(rng, problem, s, stage, m, last=True)
+        return jax.lax.cond(
+            s.evaluated,
+            lambda s: self._newton_step(rng, problem, s, stage, m),
+            lambda s: self._fresh_step(rng, problem, s, stage, m, last=False),
+            s)
+
+      state = jax.lax.while_loop(cond, body, state)
+    return state
+
+  def finished(self, problem: solver_lib.SemidiscreteProblem, state: NewtonState) -> jax.Array:
+    """Scalar bool: nothing is left to do (converged, diverged, verified or out of steps)."""
+    return (state.converged | state.diverged | (state.stage >= len(self.schedule(problem.num_targets)))
+            | (state.it >= self.num_iterations))
+
+  def output(self, problem: solver_lib.SemidiscreteProblem, state: NewtonState) -> solver_lib.BrenierPotential:
+    """The fitted potential of a state."""
+    return solver_lib.BrenierPotential(
+        y=problem.y, h=solver_lib.masked_heights(state.h, problem.weights), tile_size=self.tile_size,
+        row_chunk=self.row_chunk, method=self.method)
+
+  def __call__(self, rng: jax.Array, problem: solver_lib.SemidiscreteProblem,
+               h_init: Optional[jax.Array] = None) -> Tuple[solver_lib.BrenierPotential, NewtonState]:
+    """Solves from scratch. Jit it: ``jax.jit(solver)(rng, problem)``.
+
+    Returns:
+      ``(potential, state)``.
+    """
+    state = self.run(rng, problem, self.init(problem, h_init))
+    return self.output(problem, state), state
+

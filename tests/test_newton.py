@@ -1,0 +1,268 @@
+"""Tests of the Monte-Carlo Newton solver against references computed independently.
+
+References: closed-form 1-D Hessians (Gaussian source: facets are points), finite differences of cell masses
+on a very large sample (2-D), a dense NumPy solve (CG), a multinomial simulation (the chi^2 estimator),
+1-D quantile maps, the Gaussian-to-Gaussian affine map and ott-jax's own chi^2 (via the interop module).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+
+from lsot_jax import kernels
+from lsot_jax import newton
+from lsot_jax import solver as solver_lib
+from lsot_jax import sources
+
+
+def _solve(solver, key, problem):
+  return jax.jit(solver.__call__)(key, problem)
+
+
+def _dense_hessian(a, b, w, n):
+  """The dense Laplacian of an edge list (NumPy, float64)."""
+  hess = np.zeros((n, n))
+  np.add.at(hess, (np.asarray(a), np.asarray(b)), -np.asarray(w, np.float64))
+  hess = hess + hess.T
+  np.fill_diagonal(hess, 0.0)
+  np.fill_diagonal(hess, -hess.sum(axis=1))
+  return hess
+
+
+def _top_k_edges(x, y, h, k, quantile):
+  vals, idx = jax.jit(lambda x: kernels.top_k(x, y, h, k))(x)
+  return newton.hessian_edges(vals, idx, x.shape[0], quantile)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Hessian estimate.
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_hessian_matches_closed_form_1d():
+  """1-D, Gaussian source: H_{i,i+1} = -pdf(b_i) / (y_{i+1} - y_i), b_i the boundary point (within 6 %)."""
+  y = np.array([-1.5, -0.4, 0.3, 1.1, 2.5])
+  boundary = np.array([-1.0, -0.2, 0.4, 1.2])  # cell i is [boundary[i-1], boundary[i]]
+  h = np.concatenate([[0.0], -np.cumsum(boundary * np.diff(y))])
+  x = jax.random.normal(jax.random.key(0), (1 << 21, 1))
+  a, b, w, _ = _top_k_edges(x, jnp.asarray(y[:, None], jnp.float32), jnp.asarray(h, jnp.float32), 3, 0.2)
+  est = _dense_hessian(a, b, w, len(y))
+  np.testing.assert_allclose((h[:-1] - h[1:]) / np.diff(y), boundary)
+  exact_off = -scipy.stats.norm.pdf(boundary) / np.diff(y)
+  np.testing.assert_allclose(np.diag(est, 1), exact_off, rtol=0.06)
+  # Non-neighbours in 1-D share no facet.
+  assert np.abs(np.triu(est, 2)).max() < 1e-3 * np.abs(exact_off).max()
+
+
+def test_hessian_matches_finite_differences_2d():
+  """2-D, 20 codes: the sampled Hessian times random directions vs central differences of cell masses on
+  2^21 samples (relative error < 0.15; the band bias at quantile 0.2 is ~ +7 %)."""
+  n = 20
+  y = jax.random.normal(jax.random.key(1), (n, 2))
+  problem = solver_lib.make_problem(y)
+  h = solver_lib.voronoi_heights(problem.y, problem.weights)
+  m = 1 << 21
+  x = problem.source.sample(jax.random.key(2), m)
+  a, b, w, eps = _top_k_edges(x, problem.y, h, 4, 0.2)
+  est = _dense_hessian(a, b, w, n)
+
+  @jax.jit
+  def masses(hh):
+    return kernels.cell_histogram(kernels.assign(x, problem.y, hh)[0], n)
+
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    v = rng.normal(size=n) * float(eps)
+    delta = 0.5
+    vj = jnp.asarray(v, jnp.float32)
+    fd = np.asarray(masses(h + delta * vj) - masses(h - delta * vj)) / (2 * delta)
+    rel = np.linalg.norm(est @ v - fd) / np.linalg.norm(fd)
+    assert rel < 0.15, rel
+  # The matrix-free product equals the dense Laplacian.
+  np.testing.assert_allclose(np.asarray(newton.laplacian_matvec(a, b, w, vj)), est @ np.asarray(vj),
+                             rtol=1e-3, atol=2e-5)
+
+
+def test_pcg_matches_dense_solve(np_rng):
+  n = 60
+  edges = np_rng.integers(0, n, size=(400, 2))
+  w = np_rng.uniform(0.1, 1.0, size=400)
+  a, b = jnp.asarray(edges[:, 0], jnp.int32), jnp.asarray(edges[:, 1], jnp.int32)
+  wj = jnp.asarray(w, jnp.float32)
+  dense = _dense_hessian(a, b, wj, n) + 0.01 * np.eye(n)
+  rhs = np_rng.normal(size=n)
+  matvec = lambda v: newton.laplacian_matvec(a, b, wj, v) + 0.01 * v
+  sol, iters = jax.jit(lambda r, d: newton.pcg(matvec, r, d, tol=1e-6, max_iter=500))(
+      jnp.asarray(rhs, jnp.float32), jnp.asarray(np.diag(dense), jnp.float32))
+  np.testing.assert_allclose(np.asarray(sol), np.linalg.solve(dense, rhs), rtol=1e-3, atol=1e-3)
+  assert 0 < int(iters) < 500
+
+
+def test_marginal_chi2_is_unbiased(np_rng):
+  """Mean over 4,000 multinomial draws equals the exact chi^2 of w against nu (M = n / 2: M is not >> n)."""
+  n, m = 200, 100
+  nu = np_rng.dirichlet(np.full(n, 5.0))
+  w = np_rng.dirichlet(np.full(n, 5.0))
+  exact = np.sum((w - nu) ** 2 / nu)
+  counts = np_rng.multinomial(m, w, size=4000)
+  est = np.asarray(jax.vmap(lambda c: solver_lib.marginal_chi2(c, jnp.asarray(nu, jnp.float32), m))(
+      jnp.asarray(counts, jnp.int32)))
+  assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est)), (est.mean(), exact)
+  # The plain plug-in estimate is biased upwards by about (n - 1) / M.
+  plug_in = ((counts / m - nu) ** 2 / nu).sum(axis=1).mean()
+  assert plug_in > exact + 0.5 * (n - 1) / m
+
+
+def test_gaussian_start_matches_affine_map():
+  """Codes from N(m, S): the moment-matched start is already close (L1 < 0.45 of the Voronoi start's)."""
+  rng = np.random.default_rng(3)
+  cov_root = np.array([[2.0, 0.0, 0.0], [0.5, 0.3, 0.0], [0.1, 0.2, 0.8]])
+  y = np.array([5.0, -2.0, 1.0]) + rng.normal(size=(500, 3)) @ cov_root.T
+  problem = solver_lib.make_problem(y)
+  errors = {}
+  for init in ("gaussian", "voronoi"):
+    h = newton.NewtonSolver(initialisation=init).init_heights(problem)
+    errors[init] = float(solver_lib.BrenierPotential(y=problem.y, h=h).marginal_errors(
+        jax.random.key(0), problem.source, problem.weights, 1 << 18)["l1"])
+  assert errors["gaussian"] < 0.45 * errors["voronoi"], errors
+
+
+# ------------------------------------------------------------------------------------------------------
+# The solver against closed forms.
+# ------------------------------------------------------------------------------------------------------
+
+_SMALL = newton.NewtonSolver(num_iterations=24, min_samples=1 << 15, max_samples=1 << 18)
+
+
+def test_one_dimensional_quantile_map(np_rng):
+  """Uniform source on [0, 1]: cell boundaries within 0.005 of the cumulative weights (reached ~0.002; Adam's
+  test allows 0.02)."""
+  n = 8
+  y = np.sort(np_rng.uniform(-1.0, 2.0, size=n))
+  w = np_rng.dirichlet(np.full(n, 3.0))
+  problem = solver_lib.make_problem(y[:, None], w, sources.UniformCube(dim=1, low=0.0, high=1.0))
+  pot, state = _solve(_SMALL, jax.random.key(0), problem)
+  assert not bool(state.diverged)
+  h = np.asarray(pot.h, np.float64)
+  np.testing.assert_allclose(-np.diff(h) / np.diff(y), np.cumsum(w)[:-1], atol=0.005)
+
+
+def test_gaussian_to_affine_gaussian_map():
+  """N(0, I) onto 400 samples of N(m, A A^T): E|T_hat - T| < 0.2 (Adam's test threshold at n = 400)."""
+  a_mat = np.array([[1.0, 0.0], [0.6, 0.5]])
+  mean = np.array([1.0, -2.0])
+  rng = np.random.default_rng(0)
+  y = mean + rng.normal(size=(400, 2)) @ a_mat.T
+  problem = solver_lib.make_problem(y, source=sources.Gaussian(dim=2))
+  pot, _ = _solve(_SMALL, jax.random.key(0), problem)
+  x = rng.normal(size=(20_000, 2)).astype(np.float32)
+  exact = mean + x @ scipy.linalg.sqrtm(a_mat @ a_mat.T).real.T
+  err = float(np.linalg.norm(np.asarray(pot.transport(jnp.asarray(x))) - exact, axis=1).mean())
+  assert err < 0.2, err
+
+
+def _clustered_problem(n=400, d=8, clusters=5, seed=0, weights=True):
+  rng = np.random.default_rng(seed)
+  centres = 4.0 * rng.normal(size=(clusters, d))
+  labels = rng.integers(0, clusters, size=n)
+  y = centres[labels] + rng.normal(size=(n, d))
+  w = rng.dirichlet(np.full(n, 3.0)) if weights else None
+  return solver_lib.make_problem(y, w)
+
+
+def test_clustered_problem_reaches_noise_floor():
+  """Unequal clusters in d = 8, Dirichlet weights: the verified fresh error is near the final floor
+  (L1 on 2^22 evaluation samples < 2 x the floor of the final stage; the unbiased bound is reported)."""
+  problem = _clustered_problem()
+  pot, state = _solve(_SMALL, jax.random.key(1), problem)
+  assert not bool(state.diverged)
+  final = _SMALL.stage_sizes(problem.num_targets)[-1]
+  floor = float(solver_lib.noise_floor_l1(problem.weights, final))
+  true = float(pot.marginal_errors(jax.random.key(7), problem.source, problem.weights, 1 << 22)["l1"])
+  assert true < 2.0 * floor, (true, floor)
+  assert int(state.stage) == len(_SMALL.schedule(problem.num_targets))
+  bound = float(state.error_bound)
+  assert np.isfinite(bound) and bound >= 0.8 * true, (bound, true)
+  # Accepted Newton steps were taken, and the histories are consistent.
+  it = int(state.it)
+  alphas = np.asarray(state.alphas[:it])
+  assert np.nanmax(alphas) == 1.0
+  assert np.all(np.diff(np.asarray(state.scored[:it])) > 0)
+
+
+def test_tol_stops_at_a_fresh_evaluation():
+  problem = _clustered_problem(n=100, d=3, clusters=3, weights=False)
+  solver = dataclasses.replace(_SMALL, tol=0.2)
+  _, state = _solve(solver, jax.random.key(0), problem)
+  assert bool(state.converged)
+  assert float(state.error_bound) <= 0.2
+  assert int(state.stage) < len(solver.schedule(problem.num_targets))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Contract: chunked runs, vmap, bad input.
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_chunked_run_equals_single_run():
+  problem = _clustered_problem(n=60, d=3, clusters=3)
+  solver = newton.NewtonSolver(num_iterations=12, min_samples=1 << 13, max_samples=1 << 15)
+  run = jax.jit(solver.run, static_argnames="num_steps")
+  key = jax.random.key(3)
+  whole = run(key, problem, solver.init(problem))
+  state = solver.init(problem)
+  for _ in range(12):
+    state = run(key, problem, state, num_steps=1)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vmap_over_seeds_equals_one_by_one():
+  problem = _clustered_problem(n=50, d=2, clusters=3)
+  solver = newton.NewtonSolver(num_iterations=10, min_samples=1 << 12, max_samples=1 << 14)
+  keys = jax.random.split(jax.random.key(0), 3)
+  _, batched = jax.jit(jax.vmap(solver.__call__, in_axes=(0, None)))(keys, problem)
+  for i in range(3):
+    _, one = _solve(solver, keys[i], problem)
+    np.testing.assert_allclose(np.asarray(batched.h[i]), np.asarray(one.h), rtol=1e-5, atol=1e-5)
+    assert int(batched.it[i]) == int(one.it)
+
+
+def test_two_codes_duplicates_and_far_codes():
+  """n = 2; duplicate codes (merged, the copy stays empty); codes far from the source (start mostly empty)."""
+  solver = newton.NewtonSolver(num_iterations=16, min_samples=1 << 14, max_samples=1 << 16)
+  two = solver_lib.make_problem(np.array([[0.0, 0.0], [1.0, 0.5]]), np.array([0.3, 0.7]))
+  pot, state = _solve(solver, jax.random.key(0), two)
+  masses = np.asarray(pot.cell_masses(jax.random.key(1), two.source, 1 << 18))
+  np.testing.assert_allclose(masses, [0.3, 0.7], atol=0.01)
+
+  rng = np.random.default_rng(0)
+  y = rng.normal(size=(30, 2))
+  dup = solver_lib.make_problem(np.concatenate([y, y[:5]]))
+  pot, state = _solve(solver, jax.random.key(0), dup)
+  masses = np.asarray(pot.cell_masses(jax.random.key(1), dup.source, 1 << 18))
+  assert masses[30:].sum() == 0.0
+  np.testing.assert_allclose(masses[:5], 2.0 / 35.0, atol=0.01)
+
+  far = solver_lib.make_problem(100.0 + 0.01 * rng.normal(size=(40, 3)))
+  pot, state = _solve(dataclasses.replace(solver, initialisation="zero", num_iterations=32), jax.random.key(0),
+                      far)
+  assert not bool(state.diverged)
+  assert int(state.empty_cells[0]) > 0
+  err = float(pot.marginal_errors(jax.random.key(2), far.source, far.weights, 1 << 18)["l1"])
+  assert err < 0.1, err
+
+
+def test_rejects_bad_hyperparameters():
+  with pytest.raises(ValueError, match="initialisation"):
+    newton.NewtonSolver(initialisation="nope")
+  with pytest.raises(ValueError, match="top_k"):
+    newton.NewtonSolver(top_k=1)
+  with pytest.raises(ValueError, match="band_quantile"):
+    newton.NewtonSolver(band_quantile=1.5)
+  with pytest.raises(ValueError, match="min_samples"):
+    newton.NewtonSolver(min_samples=1 << 20, max_samples=1 << 10)
