@@ -1,0 +1,297 @@
+"""Newton vs Adam vs ott-jax: true marginal error against wall time and against samples scored, in one run.
+
+For each problem, every solver's heights are measured on one fixed evaluation sample far larger than n (its
+L1 error, and the unbiased chi^2 bound sqrt(chi^2) >= L1 from the same counts); evaluation time is excluded
+from the solver times. Solvers:
+
+* ``newton``: :class:`lsot_jax.newton.NewtonSolver` (defaults unless ``--newton`` overrides), one step per
+  timed chunk (a chunked run equals one run).
+* ``adam``: :class:`lsot_jax.solver.BrenierSolver` (defaults, ``tol = 0``), timed in chunks of 10 steps.
+* ``ott``: ott-jax's ``SemidiscreteSolver`` tuned as a user would: Adam at constant step sizes and under a
+  cosine decay, at batch 4,096 (``--ott`` sets the grid). ott's EMA and optimiser state cannot be carried
+  across calls, so each point of its curve is a fresh run with a doubled step budget (compiled first).
+
+Outputs ``benchmarks/results/newton_<tag>.{json,md,png}``: the curves, and per solver the time and the
+samples scored until the error first reached the problem's target, with ratios against Newton.
+
+Usage:
+  python benchmarks/bench_newton.py --problems mix2k,grid25          # minutes on a 2-core CPU
+  python benchmarks/bench_newton.py --problems mix20k --max-seconds 600
+  python benchmarks/bench_newton.py --problems mnist --workdir runs/mnist   # the codes of a `make run`
+
+Problems: ``mix2k`` n = 2,000, d = 16, 8 Gaussian clusters (target L1 0.05); ``grid25`` the points of
+``configs/grid25.py``'s 25-Gaussian grid (5,000 points) in data space (target 0.05); ``mix20k`` n = 20,000, d = 64 (target
+0.1); ``mnist`` the 60,000 codes (d = 32) of a workdir's encode stage (target 0.3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_solver import mixture_codes  # pylint: disable=wrong-import-position
+
+from lsot_jax import data as data_lib  # pylint: disable=wrong-import-position
+from lsot_jax import newton as newton_lib  # pylint: disable=wrong-import-position
+from lsot_jax import ott_interop  # pylint: disable=wrong-import-position
+from lsot_jax import solver as solver_lib  # pylint: disable=wrong-import-position
+from lsot_jax import sources  # pylint: disable=wrong-import-position
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TARGETS = {"mix2k": 0.05, "grid25": 0.05, "mix20k": 0.1, "mnist": 0.3}
+
+
+def load_problem(name: str, workdir: str | None) -> solver_lib.SemidiscreteProblem:
+  """The named problem (see the module docstring)."""
+  if name == "mix2k":
+    return solver_lib.make_problem(mixture_codes(jax.random.key(0), 2000, 16))
+  if name == "mix20k":
+    return solver_lib.make_problem(mixture_codes(jax.random.key(0), 20000, 64))
+  if name == "grid25":
+    return solver_lib.make_problem(data_lib.load_dataset("grid", "train", num_examples=5000, seed=0).x)
+  if name == "mnist":
+    if workdir is None:
+      raise SystemExit("--problems mnist needs --workdir of a run whose encode stage is finished.")
+    from lsot_jax import pipeline  # pylint: disable=import-outside-toplevel
+    codes = pipeline.load_encoded_codes(workdir)
+    return solver_lib.make_problem(codes)
+  raise SystemExit(f"Unknown problem {name!r}; use {', '.join(TARGETS)}.")
+
+
+def make_evaluator(problem, num_eval: int) -> Callable[[jax.Array], Dict[str, float]]:
+  """h -> L1 and unbiased bound on a fixed sample of ``num_eval`` source points."""
+  key = jax.random.key(12345)
+
+  @jax.jit
+  def errors(h, problem):
+    pot = solver_lib.BrenierPotential(y=problem.y, h=solver_lib.masked_heights(h, problem.weights))
+    return pot.marginal_errors(key, problem.source, problem.weights, num_eval)
+
+  def evaluate(h):
+    e = errors(h, problem)
+    return dict(l1=float(e["l1"]), bound=float(e["l1_bound"]))
+
+  return evaluate
+
+
+def run_newton(problem, evaluate, max_seconds: float, **kwargs) -> Dict[str, Any]:
+  solver = newton_lib.NewtonSolver(**kwargs)
+  run = jax.jit(solver.run, static_argnames="num_steps")
+  rng = jax.random.key(7)
+  jax.block_until_ready(run(rng, problem, solver.init(problem), num_steps=1))  # compile
+  state = solver.init(problem)
+  elapsed, curve = 0.0, []
+  while not bool(solver.finished(problem, state)) and elapsed < max_seconds:
+    start = time.perf_counter()
+    state = jax.block_until_ready(run(rng, problem, state, num_steps=1))
+    elapsed += time.perf_counter() - start
+    it = int(state.it)
+    curve.append(dict(seconds=elapsed, samples=float(state.samples_scored), step=it,
+                      sample_size=int(state.sample_sizes[it - 1]), **evaluate(state.h)))
+    print(f"    newton step {it}: {elapsed:.1f}s, M {curve[-1]['sample_size']}, L1 {curve[-1]['l1']:.4f}",
+          flush=True)
+  return dict(name="newton", settings=kwargs, curve=curve, error_bound=float(state.error_bound))
+
+
+def run_adam(problem, evaluate, max_seconds: float, chunk: int = 10, **kwargs) -> Dict[str, Any]:
+  solver = solver_lib.BrenierSolver(tol=0.0, num_iterations=kwargs.pop("num_iterations", 5000), **kwargs)
+  run = jax.jit(solver.run, static_argnames="num_steps")
+  rng = jax.random.key(7)
+  jax.block_until_ready(run(rng, problem, solver.init(problem), num_steps=chunk))
+  state = solver.init(problem)
+  elapsed, curve = 0.0, []
+  while int(state.it) < solver.num_iterations and elapsed < max_seconds:
+    start = time.perf_counter()
+    state = jax.block_until_ready(run(rng, problem, state, num_steps=chunk))
+    elapsed += time.perf_counter() - start
+    it = int(state.it)
+    samples = float(np.sum(np.asarray(state.batch_sizes[:it], np.float64)))
+    curve.append(dict(seconds=elapsed, samples=samples, step=it, **evaluate(state.h)))
+  print(f"    adam: {elapsed:.1f}s, {int(state.it)} steps, L1 {curve[-1]['l1']:.4f}", flush=True)
+  return dict(name="adam", settings=kwargs, curve=curve)
+
+
+def run_ott(problem, evaluate, max_seconds: float, learning_rate: float, schedule: str, batch_size: int,
+            target: float, start_iterations: int = 125) -> Dict[str, Any]:
+  """ott-jax from scratch for doubling budgets; stops at the target or after ``max_seconds`` in all."""
+  lr = 2.0 * float(problem.scale) * learning_rate  # ott's g = 2 h + |y|^2: the same relative step
+
+  def solve(rng, problem, budget):
+    rate = optax.cosine_decay_schedule(lr, budget) if schedule == "cosine" else lr
+    pot, _ = ott_interop.ott_semidiscrete_solve(rng, problem, num_iterations=budget, batch_size=batch_size,
+                                                learning_rate=rate)
+    return pot.h
+
+  budget, spent, curve = start_iterations, 0.0, []
+  while spent < max_seconds:
+    compiled = jax.jit(solve, static_argnums=2).lower(jax.random.key(7), problem, budget).compile()
+    start = time.perf_counter()
+    h = jax.block_until_ready(compiled(jax.random.key(7), problem))
+    seconds = time.perf_counter() - start
+    spent += seconds
+    curve.append(dict(seconds=seconds, samples=float(budget * batch_size), step=budget, **evaluate(h)))
+    print(f"    ott {schedule} lr {learning_rate} batch {batch_size} it {budget}: {seconds:.1f}s, "
+          f"L1 {curve[-1]['l1']:.4f}", flush=True)
+    if curve[-1]["l1"] <= target:
+      break
+    budget *= 2
+  return dict(name=f"ott {schedule} {learning_rate:g} x {batch_size}", settings=dict(
+      learning_rate=learning_rate, schedule=schedule, batch_size=batch_size), curve=curve)
+
+
+def first_at(curve: Sequence[Dict[str, float]], target: float) -> Dict[str, float] | None:
+  for point in curve:
+    if point["l1"] <= target:
+      return point
+  return None
+
+
+def summarise(result: Dict[str, Any]) -> None:
+  """Adds per-solver time / samples to the target and the ratios against Newton."""
+  target = result["target"]
+  newton = first_at(result["solvers"][0]["curve"], target)
+  for s in result["solvers"]:
+    hit = first_at(s["curve"], target)
+    best = min(s["curve"], key=lambda p: p["l1"])
+    s["reached"] = hit is not None
+    s["seconds_to_target"] = hit["seconds"] if hit else None
+    s["samples_to_target"] = hit["samples"] if hit else None
+    s["best_l1"] = best["l1"]
+    s["best_bound"] = best["bound"]
+    s["total_seconds"] = max(p["seconds"] for p in s["curve"])
+    if newton is not None and hit is not None:
+      s["time_ratio_vs_newton"] = hit["seconds"] / newton["seconds"]
+    elif newton is not None:
+      # Not reached within the cap: the ratio is at least the time it ran over Newton's time.
+      s["time_ratio_vs_newton_at_least"] = s["total_seconds"] / newton["seconds"]
+  final = result["solvers"][0]["curve"][-1]
+  result["newton_final_sample"] = final.get("sample_size")
+  if final.get("sample_size"):
+    size = final["sample_size"]
+    result["newton_final_floor"] = float(solver_lib.noise_floor_l1(result["weights"], size))
+    at = first_at(result["solvers"][0]["curve"], 1.5 * result["newton_final_floor"])
+    result["newton_samples_to_1p5_floor_over_final_size"] = None if at is None else at["samples"] / size
+
+
+def plot(result: Dict[str, Any], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+  for s in result["solvers"]:
+    c = s["curve"]
+    style = dict(marker="o", ms=3, lw=1.2 if s["name"] == "newton" else 0.9)
+    axes[0].loglog([p["seconds"] for p in c], [p["l1"] for p in c], label=s["name"], **style)
+    axes[1].loglog([p["samples"] / result["n"] for p in c], [p["l1"] for p in c], label=s["name"], **style)
+  for ax, xlabel in zip(axes, ("solver seconds", "source samples scored / n")):
+    ax.axhline(result["target"], ls="--", c="0.5", lw=0.8)
+    ax.axhline(result["eval_floor"], ls=":", c="0.5", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("true L1 marginal error")
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"{result['problem']}: n = {result['n']}, d = {result['d']} ({result['machine']})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def markdown(results: List[Dict[str, Any]], command: str) -> str:
+  lines = [f"# Newton vs Adam vs ott-jax ({results[0]['machine']})", "", f"Command: `{command}`", "",
+           "Time and samples scored until the true L1 error (fixed evaluation sample) first reached the target; "
+           "ott points are fresh runs at doubled budgets. Ratio = solver time / Newton's time.", "",
+           "| problem | target | solver | seconds | samples / n | ratio | best L1 (bound) |",
+           "|---|---|---|---|---|---|---|"]
+  for r in results:
+    for s in r["solvers"]:
+      if s["reached"]:
+        sec, samp = f"{s['seconds_to_target']:.1f}", f"{s['samples_to_target'] / r['n']:.0f}"
+      else:
+        sec, samp = f"> {s['total_seconds']:.1f} (not reached)", "-"
+      if "time_ratio_vs_newton" in s:
+        ratio = f"{s['time_ratio_vs_newton']:.1f}x"
+      elif "time_ratio_vs_newton_at_least" in s:
+        ratio = f"> {s['time_ratio_vs_newton_at_least']:.1f}x"
+      else:
+        ratio = "-"
+      lines.append(f"| {r['problem']} (n {r['n']}, d {r['d']}) | {r['target']} | {s['name']} | {sec} | {samp} | "
+                   f"{ratio} | {s['best_l1']:.4f} ({s['best_bound']:.4f}) |")
+  lines += ["", "Newton's sample efficiency: samples scored until the true L1 reached 1.5x the noise floor of its "
+            "final stage sample, over that sample size:", ""]
+  for r in results:
+    val = r.get("newton_samples_to_1p5_floor_over_final_size")
+    lines.append(f"- {r['problem']}: final sample {r.get('newton_final_sample')}, floor "
+                 f"{r.get('newton_final_floor', float('nan')):.4f}: "
+                 + ("not reached" if val is None else f"{val:.2f}x"))
+  lines += ["", f"Evaluation samples per problem: " + ", ".join(
+      f"{r['problem']} {r['eval_samples']} (floor {r['eval_floor']:.4f})" for r in results)]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: List[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--problems", default="mix2k,grid25")
+  parser.add_argument("--workdir", default=None, help="run folder for --problems mnist")
+  parser.add_argument("--max-seconds", type=float, default=300.0, help="solver-time cap per solver")
+  parser.add_argument("--ott", default="constant:3e-2:4096,cosine:1e-1:4096,cosine:3e-1:4096",
+                      help="ott settings schedule:relative_lr:batch,...")
+  parser.add_argument("--newton", default="", help="NewtonSolver overrides, e.g. max_samples=2097152")
+  parser.add_argument("--skip", default="", help="solvers to skip: adam,ott")
+  parser.add_argument("--tag", default=None)
+  args = parser.parse_args(argv)
+  command = "python benchmarks/bench_newton.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  newton_kwargs = {}
+  for item in filter(None, args.newton.split(",")):
+    k, v = item.split("=")
+    newton_kwargs[k] = type(getattr(newton_lib.NewtonSolver(), k))(eval(v))  # pylint: disable=eval-used
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  machine = f"{jax.default_backend()}, {cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
+  results = []
+  for name in args.problems.split(","):
+    problem = load_problem(name, args.workdir)
+    n, d = problem.num_targets, problem.dim
+    num_eval = min(1 << 24, max(1 << 22, 1 << math.ceil(math.log2(200 * n))))
+    evaluate = make_evaluator(problem, num_eval)
+    target = TARGETS[name]
+    print(f"{name}: n = {n}, d = {d}, eval {num_eval} samples, target L1 {target}", flush=True)
+    solvers = [run_newton(problem, evaluate, args.max_seconds, **newton_kwargs)]
+    if "adam" not in args.skip:
+      solvers.append(run_adam(problem, evaluate, args.max_seconds))
+    if "ott" not in args.skip:
+      for spec in filter(None, args.ott.split(",")):
+        schedule, lr, batch = spec.split(":")
+        solvers.append(run_ott(problem, evaluate, args.max_seconds, float(lr), schedule, int(batch), target))
+    result = dict(problem=name, n=n, d=d, target=target, eval_samples=num_eval, machine=machine,
+                  eval_floor=float(solver_lib.noise_floor_l1(problem.weights, num_eval)),
+                  weights=problem.weights, solvers=solvers)
+    summarise(result)
+    del result["weights"]
+    results.append(result)
+  tag = args.tag or "_".join(args.problems.split(","))
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, f"newton_{tag}.json"), "w") as f:
+    json.dump(dict(command=command, results=results), f, indent=1)
+  with open(os.path.join(RESULTS, f"newton_{tag}.md"), "w") as f:
+    f.write(markdown(results, command))
+  for r in results:
+    plot(r, os.path.join(RESULTS, f"newton_{tag}_{r['problem']}.png"))
+  print(markdown(results, command))
+
+
+if __name__ == "__main__":
+  main()
