@@ -53,6 +53,8 @@ def _smoke(config):
   config.ot.max_batch_size = 8192
   config.ot.checkpoint_every = 20
   config.ot.marginal_samples = 65536
+  config.ot.newton.min_samples = 1 << 14
+  config.ot.newton.max_samples = 1 << 16
   config.sample.methods = ("exact", "extended", "soft", "gaussian")
   config.sample.num_samples = 500
   config.sample.num_seeds = 2

@@ -96,6 +96,8 @@ def smoke(config):
   config.ot.max_batch_size = 4096
   config.ot.checkpoint_every = 20
   config.ot.marginal_samples = 16384
+  config.ot.newton.min_samples = 1 << 14
+  config.ot.newton.max_samples = 1 << 15
   config.sample.methods = ("exact", "extended", "gaussian")
   config.sample.num_samples = 256
   config.sample.num_seeds = 1

@@ -8,17 +8,20 @@ The numerical core is imported here; the pipeline pieces live in their own modul
 (``lsot_jax.data``, ``models``, ``train``, ``generate``, ``baselines``, ``metrics``, ``pipeline``). The
 ott-jax conversions (``from_ott_problem``, ``to_ott_output``, ``to_ott_problem``, ``OttSamplerSource``, from
 :mod:`lsot_jax.ott_interop`) are exported too, imported on first use so that ``import lsot_jax`` does not
-import ott-jax.
+import ott-jax. ``load_run`` (:func:`lsot_jax.runs.load_run`: a finished pipeline run as a generative
+model) is imported on first use too, so that ``import lsot_jax`` does not import the pipeline.
 """
 import importlib
 
-from lsot_jax.kernels import assign, cell_histogram
+from lsot_jax.kernels import assign, cell_histogram, top_k
+from lsot_jax.newton import NewtonSolver, NewtonState
 from lsot_jax.solver import (
     BrenierPotential,
     BrenierSolver,
     SemidiscreteProblem,
     SolverState,
     make_problem,
+    marginal_chi2,
     noise_floor_l1,
 )
 from lsot_jax.sources import DiscreteSource, Gaussian, UniformCube, make_source
@@ -30,6 +33,8 @@ __all__ = [
     "BrenierSolver",
     "DiscreteSource",
     "Gaussian",
+    "NewtonSolver",
+    "NewtonState",
     "OttSamplerSource",
     "SemidiscreteProblem",
     "SolverState",
@@ -37,18 +42,23 @@ __all__ = [
     "assign",
     "cell_histogram",
     "from_ott_problem",
+    "load_run",
     "make_problem",
     "make_source",
+    "marginal_chi2",
     "noise_floor_l1",
     "to_ott_output",
     "to_ott_problem",
+    "top_k",
 ]
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  """Imports the ott-jax conversions of :mod:`lsot_jax.ott_interop` on first access (PEP 562)."""
+  """Imports the ott-jax conversions of :mod:`lsot_jax.ott_interop` and ``load_run`` on first access (PEP 562)."""
   if name in _OTT_EXPORTS:
     return getattr(importlib.import_module("lsot_jax.ott_interop"), name)
+  if name == "load_run":
+    return importlib.import_module("lsot_jax.runs").load_run
   raise AttributeError(f"module 'lsot_jax' has no attribute {name!r}")

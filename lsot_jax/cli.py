@@ -5,6 +5,7 @@ the same flags):
   lsot-jax --config mnist --workdir runs/mnist
   lsot-jax --config eight_gaussians:smoke --workdir /tmp/ring --config.seed=1
   lsot-jax --config mnist --workdir runs/mnist --stage report
+  lsot-jax --workdir runs/mnist --stage generate --method extended --num_samples 10000 --sample_seed 0
   python launch.py --config configs/mnist.py --workdir runs/mnist
 
 ``--config`` takes the name of a shipped config (``eight_gaussians``, ``grid25``, ``digits``, ``mnist``,
@@ -66,6 +67,7 @@ from lsot_jax import checkpoint
 from lsot_jax import config_files
 from lsot_jax import data
 from lsot_jax import pipeline
+from lsot_jax import runs
 from lsot_jax import sharding
 from lsot_jax import train
 
@@ -95,8 +97,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "mnist, fashion_mnist, celeba.", lock_config=True)
 flags.FLAGS[_CONFIG.name].parser = _ConfigNameParser(flags.FLAGS[_CONFIG.name].parser)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, samples, metrics, report).")
-_STAGE = flags.DEFINE_enum("stage", None, list(pipeline.STAGES),
-                           "Run this stage only (the earlier ones must be finished); default: all.")
+_GENERATE = "generate"
+_STAGE = flags.DEFINE_enum("stage", None, list(pipeline.STAGES) + [_GENERATE],
+                           "Run this stage only (the earlier ones must be finished); default: all. 'generate' "
+                           "(not a pipeline stage) writes --num_samples decoded samples of --method to "
+                           "<workdir>/generated/<method>_seed<S>_n<N>/ (samples.npz; png/ for images) from a "
+                           "finished ot stage, touching no stage; --config is then optional (the run's "
+                           "config.json is read; a given one must match it).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "--stage generate: samples to write (default: the "
+                                    "run's sample.num_samples).", lower_bound=1)
+_METHOD = flags.DEFINE_enum("method", "extended", list(pipeline.LSOT_METHODS),
+                            "--stage generate: the LSOT generation method.")
+_SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 0, "--stage generate: the sample seed S (seed S of the "
+                                    "sample stage's draws).", lower_bound=0)
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False,
                                   "Move an existing run in --workdir aside (never deleted) and start afresh.")
 _SCAN = flags.DEFINE_multi_string(
@@ -111,7 +124,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 _DISTRIBUTED = flags.DEFINE_boolean(
     "distributed", False, "Multi-host: call jax.distributed.initialize even without the three flags above "
     "(TPU pods, SLURM and Open MPI clusters, where JAX detects them).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
+flags.register_multi_flags_validator(
+    ["config", "stage"], lambda values: values["config"] is not None or values["stage"] == _GENERATE,
+    message="--config is required (only --stage generate reads the run's own config.json).")
 
 _EXPECTED = (pipeline.PipelineError, data.DataNotFoundError, data.DataCorruptError, train.TrainingDiverged,
              checkpoint.CheckpointError)
@@ -172,6 +188,8 @@ def run(argv: Sequence[str]) -> int:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _SCAN.value and _STAGE.value:
     raise app.UsageError("--scan runs the stages it needs (ae, encode) itself; drop --stage.")
+  if _STAGE.value == _GENERATE and _OVERWRITE.value:
+    raise app.UsageError("--stage generate writes only under <workdir>/generated/; drop --overwrite.")
   distributed = distributed_settings(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                      _DISTRIBUTED.value)
   if not flags.FLAGS["verbosity"].present:
@@ -190,6 +208,11 @@ def run(argv: Sequence[str]) -> int:
                                  overwrite=_OVERWRITE.value)
       with open(result.files["md"]) as f:
         print(f.read(), end="", flush=True)
+      return 0
+    if _STAGE.value == _GENERATE:
+      out = runs.write_generated(runs.load_run(_WORKDIR.value, config=_CONFIG.value), _METHOD.value,
+                                 _NUM_SAMPLES.value, _SAMPLE_SEED.value)
+      log(f"generate: wrote {out}")
       return 0
     metrics = pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value, overwrite=_OVERWRITE.value,
                            log=log)

@@ -78,6 +78,7 @@ from lsot_jax import data as data_lib
 from lsot_jax import generate
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
+from lsot_jax import newton as newton_lib
 from lsot_jax import ott_interop
 from lsot_jax import report as report_lib
 from lsot_jax import scan as scan_lib
@@ -98,11 +99,14 @@ __all__ = [
     "PipelineError",
     "SCAN_FIELDS",
     "STAGES",
+    "check_run",
     "config_diff",
     "default_config",
     "load_potential",
+    "lsot_generate_kwargs",
     "run",
     "run_scan",
+    "sample_key",
     "validate_config",
 ]
 
@@ -132,6 +136,12 @@ _SALT_OT, _SALT_SAMPLE, _SALT_FIT, _SALT_EVAL, _SALT_MARGINAL = 11, 13, 17, 19, 
 _SOLVER_FIELDS = ("learning_rate", "num_iterations", "batch_size", "max_batch_size", "growth", "lr_decay",
                   "window", "tol", "stall_ratio", "floor_factor", "initialisation")
 _SOLVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(solver_lib.BrenierSolver)}
+# NewtonSolver fields exposed as ot.newton.<field>; their defaults are the solver's.
+_NEWTON_FIELDS = ("num_iterations", "samples_per_cell", "min_samples", "max_samples", "growth", "batch_size",
+                  "hessian_samples_per_cell", "top_k", "band_quantile", "stage_tol", "max_stage_steps",
+                  "max_halvings", "regularisation", "cg_tol", "cg_max_iter", "tol", "initialisation", "verify")
+_NEWTON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(newton_lib.NewtonSolver)}
+OT_SOLVERS = ("newton", "adam")
 _DONE = "DONE.json"
 _SPEC = "spec.json"
 _CONFIG = "config.json"
@@ -207,8 +217,14 @@ def default_config() -> ml_collections.ConfigDict:
     ot.source: source measure mu, ``"gaussian"`` or ``"uniform"`` (cube [-1, 1]^d).
     ot.num_codes: number of training codes the potential is fitted to (0: all; a seeded random subset
       otherwise); the baselines are fitted to the same codes.
-    ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults).
-    ot.checkpoint_every: solver steps between checkpoints.
+    ot.solver: ``"newton"`` (:class:`lsot_jax.newton.NewtonSolver`, the default: Monte-Carlo damped Newton
+      with sample growth, solved to the noise floor of its last sample) or ``"adam"``
+      (:class:`lsot_jax.solver.BrenierSolver`, first order). A workdir whose OT stage predates this field
+      was fitted by ``"adam"``.
+    ot.newton.*: :class:`lsot_jax.newton.NewtonSolver` fields (same defaults), used when ot.solver is newton.
+    ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults),
+      used by ot.solver = adam, by OT scans and by the ``ott_semidiscrete`` baseline's step budget.
+    ot.checkpoint_every: Adam solver steps between checkpoints (the Newton solver checkpoints every step).
     ot.num_devices: devices the codes (and heights) of the OT fit are sharded over
       (:mod:`lsot_jax.sharding`; n need not divide by it); 1: one device, 0: all of ``jax.devices()``.
       Checkpoints hold the unsharded state, so a run may resume on another device count. The result equals
@@ -264,6 +280,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.ot = ml_collections.ConfigDict(dict(
       source="gaussian",
       num_codes=0,
+      solver="newton",
+      newton=ml_collections.ConfigDict({name: _NEWTON_DEFAULTS[name] for name in _NEWTON_FIELDS}),
       **{name: _SOLVER_DEFAULTS[name] for name in _SOLVER_FIELDS},
       checkpoint_every=100,
       marginal_samples=262144,
@@ -369,6 +387,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("ot.source", ot.source, "use 'gaussian' or 'uniform'")
   if ot.initialisation not in ("voronoi", "zero"):
     bad("ot.initialisation", ot.initialisation, "use 'voronoi' or 'zero'")
+  if ot.solver not in OT_SOLVERS:
+    bad("ot.solver", ot.solver, f"use one of {', '.join(OT_SOLVERS)}")
+  try:
+    newton_solver(config)
+  except (ValueError, TypeError) as e:
+    bad("ot.newton", dict(ot.newton), str(e))
   for field in ("num_iterations", "batch_size", "max_batch_size", "window", "checkpoint_every",
                 "marginal_samples"):
     if ot[field] < 1:
@@ -473,6 +497,10 @@ def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, o
     # A field the stored config lacks (a run from a version before the field existed) matches when this
     # config keeps it at its default, which is the behaviour that version had.
     defaults = _flatten(_as_plain(default_config()))
+    # The behaviour before ``ot.solver`` existed was the Adam solver, not today's default.
+    defaults["ot.solver"] = "adam"
+    if "ot" in stored and "solver" not in stored["ot"] and "ot" in plain and plain["ot"].get("solver") == "newton":
+      stored["ot"]["solver"] = "adam"
     diff = [(k, a, b) for k, a, b in config_diff(stored, plain) if k not in _LOCATION_FIELDS
             and not (a == "<absent>" and k in defaults and b == defaults[k])]
     if diff:
@@ -498,13 +526,21 @@ def _stage_specs(config: ml_collections.ConfigDict) -> Dict[str, Dict[str, Any]]
   return {
       "ae": ae,
       "encode": ae,
-      "ot": {**ae, "num_codes": config.ot.num_codes, "source": config.ot.source},
+      "ot": {**ae, "num_codes": config.ot.num_codes, "source": config.ot.source, "solver": config.ot.solver},
   }
+
+
+def _stored_spec(workdir: pathlib.Path, stage: str) -> Optional[Dict[str, Any]]:
+  """A stage's stored spec; an OT stage written before ``ot.solver`` existed was fitted by Adam."""
+  stored = _read_json(workdir / stage / _SPEC)
+  if stored is not None and stage == "ot":
+    stored.setdefault("solver", "adam")
+  return stored
 
 
 def _check_specs(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   for stage, spec in _stage_specs(config).items():
-    stored = _read_json(workdir / stage / _SPEC)
+    stored = _stored_spec(workdir, stage)
     if stored is None:
       continue
     diff = config_diff(stored, spec)
@@ -570,10 +606,7 @@ class _Run:
     return path
 
   def key(self, *salts: int) -> jax.Array:
-    key = jax.random.key(int(self.config.seed))
-    for s in salts:
-      key = jax.random.fold_in(key, int(s))
-    return key
+    return _config_key(self.config, *salts)
 
   @property
   def is_points(self) -> bool:
@@ -730,22 +763,86 @@ def _load_codes(r: _Run) -> Tuple[np.ndarray, np.ndarray]:
 # Stage: OT.
 
 
-def _ot_setup(r: _Run) -> Tuple[solver_lib.SemidiscreteProblem, solver_lib.BrenierSolver]:
+def adam_solver(config: ml_collections.ConfigDict) -> solver_lib.BrenierSolver:
+  """The first-order solver of ``ot.*`` (ot.solver = adam, OT scans)."""
+  return solver_lib.BrenierSolver(**{name: config.ot[name] for name in _SOLVER_FIELDS})
+
+
+def newton_solver(config: ml_collections.ConfigDict) -> newton_lib.NewtonSolver:
+  """The Newton solver of ``ot.newton.*``."""
+  return newton_lib.NewtonSolver(**{name: config.ot.newton[name] for name in _NEWTON_FIELDS})
+
+
+def _ot_setup(r: _Run) -> Tuple[solver_lib.SemidiscreteProblem, Any]:
+  """The OT problem and the solver of the run: ``ot.solver``, or the one that fitted a stored OT stage."""
   ot = r.config.ot
   codes, index = _load_codes(r)
   y = codes[index]
   problem = solver_lib.make_problem(y, source=sources.make_source(ot.source, y.shape[1]))
-  solver = solver_lib.BrenierSolver(**{name: ot[name] for name in _SOLVER_FIELDS})
-  return problem, solver
+  stored = _stored_spec(r.workdir, "ot")
+  name = stored["solver"] if stored is not None else ot.solver
+  return problem, newton_solver(r.config) if name == "newton" else adam_solver(r.config)
 
 
 def _flat_state(state: Any) -> Dict[str, Any]:
+  """Checkpoint layout of a solver state: a Newton state by field name, the Adam state by leaf position
+  (the layout of workdirs written before named keys)."""
+  if isinstance(state, newton_lib.NewtonState):
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
   return {f"leaf_{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
 
 
 def _unflat_state(template: Any, flat: Dict[str, Any]) -> Any:
+  if isinstance(template, newton_lib.NewtonState):
+    return newton_lib.NewtonState(**{k: jnp.asarray(flat[k]) for k in _flat_state(template)})
   treedef = jax.tree.structure(template)
   return jax.tree.unflatten(treedef, [jnp.asarray(flat[f"leaf_{i:03d}"]) for i in range(treedef.num_leaves)])
+
+
+def _ot_finished(solver: Any, problem: solver_lib.SemidiscreteProblem, state: Any) -> bool:
+  if isinstance(solver, newton_lib.NewtonSolver):
+    return bool(solver.finished(problem, state))
+  return bool(state.converged) or int(state.it) >= solver.num_iterations
+
+
+def _ot_progress(solver: Any, state: Any) -> str:
+  """One log line for a checkpointed chunk of the OT fit."""
+  it = int(state.it)
+  if isinstance(solver, newton_lib.NewtonSolver):
+    return (f"ot: step {it}/{solver.num_iterations}, sample {int(state.sample_sizes[it - 1])}, sample L1 "
+            f"{float(state.errors[it - 1]):.4f}, fresh error bound {float(state.error_bound):.4f}")
+  last = state.window_errors[max(it // solver.window - 1, 0)]
+  return (f"ot: step {it}/{solver.num_iterations}, window L1 marginal error {float(last):.4f}, "
+          f"batch {int(state.batch_sizes[it - 1])}")
+
+
+def _ot_history(solver: Any, state: Any) -> Dict[str, Any]:
+  """The solver-specific part of ``ot/history.json``."""
+  it = int(state.it)
+  if isinstance(solver, newton_lib.NewtonSolver):
+    return {
+        "solver": "newton",
+        "errors": np.asarray(state.errors[:it]),
+        "batch_sizes": np.asarray(state.sample_sizes[:it]),
+        "chi2": np.asarray(state.chi2[:it]),
+        "fresh_l1": np.asarray(state.fresh_l1[:it]),
+        "samples_scored": np.asarray(state.scored[:it]),
+        "alphas": np.asarray(state.alphas[:it]),
+        "cg_iterations": np.asarray(state.cg_iterations[:it]),
+        "empty_cells": np.asarray(state.empty_cells[:it]),
+        "losses": np.asarray(state.energies[:it]),
+        "error_bound": float(state.error_bound),
+        "tol": solver.tol,
+    }
+  return {
+      "solver": "adam",
+      "losses": np.asarray(state.losses[:it]),
+      "errors": np.asarray(state.errors[:it]),
+      "batch_sizes": np.asarray(state.batch_sizes[:it]),
+      "window": solver.window,
+      "window_errors": np.asarray(state.window_errors[:it // solver.window]),
+      "tol": solver.tol,
+  }
 
 
 def _restore_ot(r: _Run, problem, solver, require_complete: bool):
@@ -774,12 +871,14 @@ def _marginal_errors(potential: solver_lib.BrenierPotential, key: jax.Array, sou
   return potential.marginal_errors(key, source, weights, num_samples)
 
 
-def _place_state(state: solver_lib.SolverState, mesh: jax.sharding.Mesh) -> solver_lib.SolverState:
+def _place_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
   """Puts a padded solver state on the mesh: per-cell arrays sharded like the codes, the rest replicated."""
   whole = NamedSharding(mesh, PartitionSpec())
   cells = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
   placed = jax.device_put(state, whole)
   per_cell = lambda a: jax.device_put(a, cells if jnp.ndim(a) else whole)  # pylint: disable=unnecessary-lambda-assignment
+  if isinstance(state, newton_lib.NewtonState):
+    return dataclasses.replace(placed, h=per_cell(state.h), counts=per_cell(state.counts))
   return dataclasses.replace(placed, h=per_cell(state.h), window_hist=per_cell(state.window_hist),
                              opt_state=jax.tree.map(per_cell, state.opt_state))
 
@@ -807,29 +906,27 @@ def _stage_ot(r: _Run) -> Dict[str, Any]:
     to_device = lambda s: _place_state(sharding.pad_state(s, size), mesh)  # pylint: disable=unnecessary-lambda-assignment
     from_device = lambda s: sharding.replicate(mesh, sharding.unpad_state(s, n))  # pylint: disable=unnecessary-lambda-assignment
     r.log(f"ot: {n} codes sharded over {mesh.size} devices ({size // mesh.size} per device)")
-  chunk = int(cfg.ot.checkpoint_every)
+  # A Newton step is a whole pass over a stage sample: checkpoint after every step.
+  chunk = 1 if isinstance(solver, newton_lib.NewtonSolver) else int(cfg.ot.checkpoint_every)
   run_fn = _jitted_run(type(run_solver).run)
   run_chunk = lambda s: run_fn(run_solver, rng, run_problem, s, num_steps=chunk)  # pylint: disable=unnecessary-lambda-assignment
   device_state = to_device(state)
   ckpt_dir = r.dir("ot", "ckpt")
   with checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=2) as ckpt:
     while True:
-      finished = bool(state.converged) or int(state.it) >= solver.num_iterations
-      if not finished:
+      if not _ot_finished(solver, problem, state):
         device_state = run_chunk(device_state)
         state = from_device(device_state)
       it = int(state.it)
       if bool(state.diverged) or not bool(jnp.all(jnp.isfinite(state.h))):
         raise OTDiverged(max(it - 1, 0), str(ckpt_dir), ckpt.latest_step())
-      finished = bool(state.converged) or it >= solver.num_iterations
+      finished = _ot_finished(solver, problem, state)
       meta = {"it": it, "converged": bool(state.converged)}
       if finished:
         ckpt.save_final(it, _flat_state(state), meta, overwrite=True)
         break
       ckpt.save(it, _flat_state(state), meta, overwrite=True)
-      last = state.window_errors[max(it // solver.window - 1, 0)]
-      r.log(f"ot: step {it}/{solver.num_iterations}, window L1 marginal error {float(last):.4f}, "
-            f"batch {int(state.batch_sizes[it - 1])}")
+      r.log(_ot_progress(solver, state))
   potential = solver.output(problem, state)
   errs = _marginal_errors(potential, r.key(_SALT_MARGINAL), problem.source, problem.weights,
                           num_samples=int(cfg.ot.marginal_samples))
@@ -837,24 +934,23 @@ def _stage_ot(r: _Run) -> Dict[str, Any]:
   history = {
       "iterations": it,
       "converged": bool(state.converged),
-      "losses": np.asarray(state.losses[:it]),
-      "errors": np.asarray(state.errors[:it]),
-      "batch_sizes": np.asarray(state.batch_sizes[:it]),
-      "window": solver.window,
-      "window_errors": np.asarray(state.window_errors[:it // solver.window]),
-      "tol": solver.tol,
+      **_ot_history(solver, state),
       "num_codes": problem.num_targets,
       "marginal_l1": float(errs["l1"]),
       "marginal_max_rel": float(errs["max_rel"]),
       "marginal_noise_floor": float(errs["noise_floor"]),
+      "marginal_chi2": float(errs["chi2"]),
+      "marginal_l1_bound": float(errs["l1_bound"]),
   }
   _atomic_write_json(r.dir("ot") / "history.json", history)
   report_lib.plot_convergence(r.dir("ot") / "convergence.png", history)
   summary = {k: history[k] for k in ("iterations", "converged", "num_codes", "marginal_l1", "marginal_max_rel",
-                                     "marginal_noise_floor")}
+                                     "marginal_noise_floor", "marginal_chi2", "marginal_l1_bound")}
+  summary["solver"] = history["solver"]
   summary["seconds_this_run"] = time.perf_counter() - start
-  r.log(f"ot: {it} steps, converged={summary['converged']}, L1 marginal error {summary['marginal_l1']:.4f} "
-        f"(noise floor {summary['marginal_noise_floor']:.4f})")
+  r.log(f"ot: {it} steps ({summary['solver']}), converged={summary['converged']}, L1 marginal error "
+        f"{summary['marginal_l1']:.4f} (noise floor {summary['marginal_noise_floor']:.4f}; unbiased bound "
+        f"sqrt(chi^2) {summary['marginal_l1_bound']:.4f})")
   return summary
 
 
@@ -871,12 +967,59 @@ def _train_vae(r: _Run) -> Tuple[Any, Any]:
   return graphdef, params
 
 
-def _soft_temperature(r: _Run, problem, potential) -> float:
-  sm = r.config.sample
-  if sm.soft_temperature is not None:
-    return float(sm.soft_temperature)
-  probe = problem.source.sample(r.key(_SALT_SAMPLE, 99), 2048)
-  return float(sm.soft_relative * solver_lib.score_gap(probe, potential.y, potential.h))
+def _config_key(config: ml_collections.ConfigDict, *salts: int) -> jax.Array:
+  """``fold_in`` of the config seed and each salt in turn: every random key of a run."""
+  key = jax.random.key(int(config.seed))
+  for s in salts:
+    key = jax.random.fold_in(key, int(s))
+  return key
+
+
+def sample_key(config: ml_collections.ConfigDict, method: str, seed: int) -> jax.Array:
+  """The key the sample stage draws sample seed ``seed`` of ``method`` with.
+
+  Args:
+    config: the run's config.
+    method: a name of :data:`METHODS`.
+    seed: the sample seed, 0 .. ``sample.num_seeds - 1`` in the sample stage (any non-negative int).
+
+  Returns:
+    A typed PRNG key; ``generate.generate(method, key, ...)`` with ``sample.num_samples`` samples and
+    :func:`lsot_generate_kwargs` reproduces the sample stage's codes of that seed.
+  """
+  if method not in METHODS:
+    raise PipelineError(f"Unknown method {method!r}; valid methods: {', '.join(METHODS)}.")
+  return _config_key(config, _SALT_SAMPLE, METHODS.index(method), int(seed))
+
+
+def lsot_generate_kwargs(config: ml_collections.ConfigDict, method: str,
+                         potential: solver_lib.BrenierPotential, source: Any) -> Dict[str, float]:
+  """The keyword arguments of :func:`lsot_jax.generate.generate` the sample stage uses for an LSOT method.
+
+  Args:
+    config: the run's config (``sample.angle_threshold``, ``sample.soft_temperature``, ``sample.soft_relative``
+      and ``seed``).
+    method: one of :data:`LSOT_METHODS`.
+    potential: the fitted potential (y [n, d], h [n]).
+    source: the source measure of the fit (``.sample(key, num) -> [num, d]``).
+
+  Returns:
+    ``{}`` for ``exact``, ``{"angle_threshold": radians}`` for ``extended`` (``sample.angle_threshold`` or
+    :func:`lsot_jax.generate.default_angle_threshold` of the codes) and ``{"temperature": t}`` for ``soft``
+    (``sample.soft_temperature``, or ``soft_relative`` times the score gap of 2048 seeded source samples).
+  """
+  sm = config.sample
+  if method == "exact":
+    return {}
+  if method == "extended":
+    return {"angle_threshold": (float(sm.angle_threshold) if sm.angle_threshold is not None
+                                else float(generate.default_angle_threshold(potential.y)))}
+  if method == "soft":
+    if sm.soft_temperature is not None:
+      return {"temperature": float(sm.soft_temperature)}
+    probe = source.sample(_config_key(config, _SALT_SAMPLE, 99), 2048)
+    return {"temperature": float(sm.soft_relative * solver_lib.score_gap(probe, potential.y, potential.h))}
+  raise PipelineError(f"Unknown LSOT method {method!r}; valid: {', '.join(LSOT_METHODS)}.")
 
 
 def _method_sampler(r: _Run, method: str, problem, potential, fit_key
@@ -887,16 +1030,8 @@ def _method_sampler(r: _Run, method: str, problem, potential, fit_key
   y, h, source = potential.y, potential.h, problem.source
   codes = np.asarray(y)
   if method in LSOT_METHODS:
-    kwargs: Dict[str, Any] = {}
-    info: Dict[str, Any] = {}
-    if method == "extended":
-      threshold = (float(sm.angle_threshold) if sm.angle_threshold is not None
-                   else float(generate.default_angle_threshold(y)))
-      kwargs["angle_threshold"] = threshold
-      info["angle_threshold"] = threshold
-    elif method == "soft":
-      kwargs["temperature"] = _soft_temperature(r, problem, potential)
-      info["temperature"] = kwargs["temperature"]
+    kwargs: Dict[str, Any] = lsot_generate_kwargs(r.config, method, potential, source)
+    info: Dict[str, Any] = dict(kwargs)
     fn = jax.jit(lambda key: generate.generate(method, key, source, y, h, num, **kwargs))
     return fn, "ae", info
   if method == "gaussian":
@@ -962,7 +1097,7 @@ def _stage_sample(r: _Run) -> Dict[str, Any]:
     start = time.perf_counter()
     salt = METHODS.index(method)
     sampler, decoder, info = _method_sampler(r, method, problem, potential, r.key(_SALT_FIT, salt))
-    draws = np.stack([np.asarray(sampler(r.key(_SALT_SAMPLE, salt, s)), np.float32)
+    draws = np.stack([np.asarray(sampler(sample_key(cfg, method, s)), np.float32)
                       for s in range(int(cfg.sample.num_seeds))])
     if not np.isfinite(draws).all():
       raise PipelineError(f"Stage 'sample': method {method!r} produced NaN/Inf codes.")
@@ -1235,6 +1370,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
     md, html = report_lib.write_report(workdir_path)
     log(f"report: wrote {md} and {html}")
   return _read_json(metrics_path) if metrics_path.exists() else None
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Checks, without writing anything, that ``workdir`` holds a run of ``config``, as a rerun would.
+
+  Raises:
+    PipelineError: bad config values, or no ``config.json`` in ``workdir``.
+    ConfigMismatchError: the stored config or a stage's checkpoint spec differs (locations aside).
+  """
+  path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir)))) / _CONFIG
+  if not path.is_file():
+    raise PipelineError(f"{path.parent} holds no run (no {_CONFIG}).")
+  _open_run(config, workdir, overwrite=False, log=_LOG.info, load_data=False)
 
 
 def load_potential(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> solver_lib.BrenierPotential:
@@ -1601,7 +1749,8 @@ def run_scan(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   would exceed half of the device's memory (the host's RAM on a CPU) is refused before training
   (activations are not counted: keep such scans to small models).
 
-  Scans run on one device (``ot.num_devices`` and ``ae.num_devices`` apply to the stages).
+  Scans run on one device (``ot.num_devices`` and ``ae.num_devices`` apply to the stages) and fit with the
+  Adam solver (``ot.*`` fields), whatever ``ot.solver`` the stages use.
 
   Args:
     config: a config built from :func:`default_config`.
@@ -1626,7 +1775,9 @@ def run_scan(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return _run_ae_scan(r, parsed, log)
   for name in ("ae", "encode"):
     _run_stage(r, name)
-  problem, solver = _ot_setup(r)
+  problem, _ = _ot_setup(r)
+  # Scans vmap the Adam solver over its fields (ot.*), whatever ot.solver the run's own OT stage uses.
+  solver = adam_solver(config)
   scanned = {field[len("ot."):] for field, _ in parsed if field != "seed"}
   base = {name: getattr(solver, name) for name in _SOLVER_FIELDS if name not in scanned}
   num_settings = int(np.prod([len(values) for _, values in parsed]))

@@ -297,10 +297,13 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
                  f"reconstruction MSE {ae['test_mse']:.5f}")
   ot = metrics.get("ot") or {}
   if ot:
-    facts.append(f"OT: {ot.get('num_codes')} codes, {ot.get('iterations')} solver steps, converged: "
-                 f"{ot.get('converged')}, L1 marginal error {_fmt(ot.get('marginal_l1'))} (Monte-Carlo noise "
-                 f"floor {_fmt(ot.get('marginal_noise_floor'))}), max relative cell-mass error "
-                 f"{_fmt(ot.get('marginal_max_rel'))}")
+    bound = ot.get("marginal_l1_bound")
+    facts.append(f"OT ({ot.get('solver', 'adam')} solver): {ot.get('num_codes')} codes, {ot.get('iterations')} "
+                 f"solver steps, converged: {ot.get('converged')}, L1 marginal error {_fmt(ot.get('marginal_l1'))} "
+                 f"(Monte-Carlo noise floor {_fmt(ot.get('marginal_noise_floor'))}"
+                 + ("" if bound is None else f"; unbiased chi^2 {_fmt(ot.get('marginal_chi2'))}, L1 bound "
+                    f"sqrt(chi^2) {_fmt(bound)}")
+                 + f"), max relative cell-mass error {_fmt(ot.get('marginal_max_rel'))}")
   seconds = metrics.get("stage_seconds") or {}
   if any(v is not None for v in seconds.values()):
     facts.append("stage seconds (last run of each): " + ", ".join(

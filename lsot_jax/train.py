@@ -53,6 +53,7 @@ __all__ = [
     "TrainingDiverged",
     "batched_apply",
     "epoch_permutation",
+    "restore_autoencoder",
     "train_autoencoder",
     "train_autoencoders_vmapped",
     "train_classifier",
@@ -392,6 +393,39 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
   params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info,
                             mesh, axis_name)
   return graphdef, params, history
+
+
+def restore_autoencoder(ckpt_dir: str) -> Tuple[Any, models.Params]:
+  """The trained autoencoder of a finished :func:`train_autoencoder` checkpoint, restored without data.
+
+  The architecture, optimiser and step count are read from the checkpoint's completion record, so neither
+  the training data nor the config is needed and nothing is trained or written.
+
+  Args:
+    ckpt_dir: the checkpoint directory :func:`train_autoencoder` wrote.
+
+  Returns:
+    ``(graphdef, params)``, as :func:`train_autoencoder` returns them.
+
+  Raises:
+    lsot_jax.checkpoint.CheckpointError: the directory holds no finished autoencoder training, or its final
+      state is unreadable.
+  """
+  if not os.path.isdir(ckpt_dir):
+    raise checkpoint_lib.CheckpointError(f"No autoencoder checkpoint in {ckpt_dir}.")
+  with checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=1) as ckpt:
+    done = ckpt.completion()
+    if done is None or done["meta"].get("model") != "autoencoder":
+      raise checkpoint_lib.CheckpointError(f"No finished autoencoder training in {ckpt_dir}.")
+    meta = done["meta"]
+    model_cfg = models.AutoencoderConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
+    cfg = TrainConfig(**meta["train_config"])
+    graphdef, params = models.init_autoencoder(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
+    tx = _make_optimizer(cfg, int(meta["total_steps"]))
+    template = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32)}
+    _, state, _ = ckpt.restore(template, step=int(done["step"]))
+  return graphdef, state["params"]
 
 
 @dataclasses.dataclass(frozen=True)

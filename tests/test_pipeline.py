@@ -22,8 +22,10 @@ from lsot_jax import train
 
 
 def _tiny_config(**overrides):
-  """A ring config that runs every stage in a few seconds."""
+  """A ring config that runs every stage in a few seconds (with the Adam solver, whose step counts the tests
+  below check; the Newton OT stage has tests of its own)."""
   c = pipeline.default_config()
+  c.ot.solver = "adam"
   c.data.num_train = 200
   c.data.num_test = 200
   c.ot.num_iterations = 40
@@ -188,6 +190,71 @@ def test_nan_heights_stop_naming_stage_and_step_and_keep_last_checkpoint(tmp_pat
 def test_infinite_step_size_diverges_at_the_first_step(tmp_path):
   with pytest.raises(pipeline.OTDiverged, match="step 0; no checkpoint was written"):
     pipeline.run(_tiny_config(ot__learning_rate=float("inf")), tmp_path / "w", log=_quiet([]))
+
+
+def _newton_config(**overrides):
+  c = _tiny_config(ot__solver="newton", **overrides)
+  c.ot.newton.min_samples = 1 << 13
+  c.ot.newton.max_samples = 1 << 15
+  return c
+
+
+def test_newton_ot_stage_reports_unbiased_error_and_resumes_identically(tmp_path, monkeypatch):
+  """The Newton OT stage: history and metrics carry the unbiased chi^2 and its L1 bound; a run interrupted
+  after its first checkpointed step resumes to the same heights as an uninterrupted one."""
+  config = _newton_config()
+  metrics = pipeline.run(config, tmp_path / "a", log=_quiet([]))
+  ot = metrics["ot"]
+  assert ot["solver"] == "newton"
+  assert ot["marginal_l1"] <= ot["marginal_l1_bound"] + 3 * ot["marginal_noise_floor"]
+  assert ot["marginal_l1"] < 2.5 * ot["marginal_noise_floor"], ot
+  history = json.loads((tmp_path / "a" / "ot" / "history.json").read_text())
+  assert history["solver"] == "newton" and len(history["chi2"]) == ot["iterations"]
+  assert np.isfinite(history["error_bound"]) and np.nanmax(history["alphas"]) >= 0.5  # Newton steps were taken
+  assert json.loads((tmp_path / "a" / "ot" / "spec.json").read_text())["solver"] == "newton"
+
+  from lsot_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  original = checkpoint.StageCheckpointer.save
+
+  class Stop(Exception):
+    pass
+
+  def save_then_stop(self, step, *args, **kwargs):
+    original(self, step, *args, **kwargs)
+    if "ot" in str(self.directory) and step >= 3:
+      raise Stop()
+
+  monkeypatch.setattr(checkpoint.StageCheckpointer, "save", save_then_stop)
+  with pytest.raises(Stop):
+    pipeline.run(config, tmp_path / "b", log=_quiet([]))
+  monkeypatch.setattr(checkpoint.StageCheckpointer, "save", original)
+  lines = []
+  resumed = pipeline.run(config, tmp_path / "b", log=lines.append)
+  assert "ot: resuming from solver step 3" in lines
+  np.testing.assert_array_equal(np.asarray(pipeline.load_potential(config, tmp_path / "b").h),
+                                np.asarray(pipeline.load_potential(config, tmp_path / "a").h))
+  assert resumed["ot"]["iterations"] == ot["iterations"]
+
+
+def test_ot_stage_without_solver_in_its_spec_was_fitted_by_adam(tmp_path):
+  """A workdir whose OT stage predates ``ot.solver`` keeps its Adam potential; asking for Newton there is
+  refused naming the field."""
+  config = _tiny_config()
+  pipeline.run(config, tmp_path / "w", stage="ae", log=_quiet([]))
+  pipeline.run(config, tmp_path / "w", stage="encode", log=_quiet([]))
+  pipeline.run(config, tmp_path / "w", stage="ot", log=_quiet([]))
+  spec_path = tmp_path / "w" / "ot" / "spec.json"
+  spec = json.loads(spec_path.read_text())
+  del spec["solver"]
+  spec_path.write_text(json.dumps(spec))
+  stored_path = tmp_path / "w" / "config.json"
+  stored = json.loads(stored_path.read_text())
+  del stored["ot"]["solver"], stored["ot"]["newton"]  # as written before the fields existed
+  stored_path.write_text(json.dumps(stored))
+  h = np.asarray(pipeline.load_potential(config, tmp_path / "w").h)
+  assert np.isfinite(h).all()
+  with pytest.raises(pipeline.ConfigMismatchError, match=r"ot.solver: 'adam' -> 'newton'"):
+    pipeline.run(_tiny_config(ot__solver="newton"), tmp_path / "w", stage="ot", log=_quiet([]))
 
 
 def test_metrics_table_formats_mean_and_standard_error():
@@ -393,6 +460,7 @@ _SHARDED_CHILD = textwrap.dedent("""
 
     def config(num_devices):
       c = pipeline.default_config()
+      c.ot.solver = "adam"
       c.data.num_train = 203  # uneven: padded to 204 = 4 x 51
       c.data.num_test = 200
       c.ot.num_iterations = 30
