@@ -91,15 +91,18 @@ def run_newton(problem, evaluate, max_seconds: float, eval_every_step: bool = Tr
   rng = jax.random.key(7)
   jax.block_until_ready(run(rng, problem, solver.init(problem), num_steps=1))  # compile
   state = solver.init(problem)
-  elapsed, curve = 0.0, []
+  elapsed, curve, stage = 0.0, [], 0
   while not bool(solver.finished(problem, state)) and elapsed < max_seconds:
     start = time.perf_counter()
     state = jax.block_until_ready(run(rng, problem, state, num_steps=1))
     elapsed += time.perf_counter() - start
     it = int(state.it)
-    # Without eval_every_step, only the last step of each stage (the next step draws a new sample) is measured.
-    stage_end = bool(solver.finished(problem, state)) or not bool(state.evaluated)
-    if not (eval_every_step or stage_end):
+    # Without eval_every_step, only stage ends are measured: a chunk that moved to the next stage ends with a
+    # fresh evaluation, which leaves the heights of the previous stage's last step.
+    last = bool(solver.finished(problem, state)) or elapsed >= max_seconds
+    stage_end = int(state.stage) != stage
+    stage = int(state.stage)
+    if not (eval_every_step or stage_end or last):
       continue
     curve.append(dict(seconds=elapsed, samples=float(state.samples_scored), step=it,
                       sample_size=int(state.sample_sizes[it - 1]), **evaluate(state.h)))

@@ -217,10 +217,12 @@ def default_config() -> ml_collections.ConfigDict:
     ot.source: source measure mu, ``"gaussian"`` or ``"uniform"`` (cube [-1, 1]^d).
     ot.num_codes: number of training codes the potential is fitted to (0: all; a seeded random subset
       otherwise); the baselines are fitted to the same codes.
-    ot.solver: ``"newton"`` (:class:`lsot_jax.newton.NewtonSolver`, the default: Monte-Carlo damped Newton
-      with sample growth, solved to the noise floor of its last sample) or ``"adam"``
-      (:class:`lsot_jax.solver.BrenierSolver`, first order). A workdir whose OT stage predates this field
-      was fitted by ``"adam"``.
+    ot.solver: ``"adam"`` (:class:`lsot_jax.solver.BrenierSolver`, first order; the default) or ``"newton"``
+      (:class:`lsot_jax.newton.NewtonSolver`: Monte-Carlo damped Newton with sample growth, solved to the
+      noise floor of its last sample; opt-in: on the 25-Gaussian grid in data space its line search stalls
+      at L1 1.86, and on an 8-cluster d = 16 problem Adam reached L1 0.05 in half its time, see
+      benchmarks/results/newton_mix2k_grid25.md). A workdir whose OT stage predates this field was fitted
+      by ``"adam"``.
     ot.newton.*: :class:`lsot_jax.newton.NewtonSolver` fields (same defaults), used when ot.solver is newton.
     ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults),
       used by ot.solver = adam, by OT scans and by the ``ott_semidiscrete`` baseline's step budget.
@@ -280,7 +282,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.ot = ml_collections.ConfigDict(dict(
       source="gaussian",
       num_codes=0,
-      solver="newton",
+      solver="adam",
       newton=ml_collections.ConfigDict({name: _NEWTON_DEFAULTS[name] for name in _NEWTON_FIELDS}),
       **{name: _SOLVER_DEFAULTS[name] for name in _SOLVER_FIELDS},
       checkpoint_every=100,
@@ -497,9 +499,8 @@ def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, o
     # A field the stored config lacks (a run from a version before the field existed) matches when this
     # config keeps it at its default, which is the behaviour that version had.
     defaults = _flatten(_as_plain(default_config()))
-    # The behaviour before ``ot.solver`` existed was the Adam solver, not today's default.
-    defaults["ot.solver"] = "adam"
-    if "ot" in stored and "solver" not in stored["ot"] and "ot" in plain and plain["ot"].get("solver") == "newton":
+    # The behaviour before ``ot.solver`` existed was the Adam solver.
+    if "ot" in stored and "solver" not in stored["ot"]:
       stored["ot"]["solver"] = "adam"
     diff = [(k, a, b) for k, a, b in config_diff(stored, plain) if k not in _LOCATION_FIELDS
             and not (a == "<absent>" and k in defaults and b == defaults[k])]
