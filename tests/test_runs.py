@@ -44,7 +44,9 @@ def _snapshot(workdir: pathlib.Path):
 
 
 def _cli(args):
-  """``lsot-jax ARGS`` in-process: the exit status. The flags are reset afterwards (absl keeps them)."""
+  """``lsot-jax ARGS`` in-process: the exit status. The flags are reset before and after (absl keeps them
+  between in-process calls, e.g. from tests/test_cli.py)."""
+  flags.FLAGS.unparse_flags()
   try:
     with pytest.raises(SystemExit) as exit_info:
       cli.main(["lsot-jax"] + [str(a) for a in args])
