@@ -9,7 +9,7 @@ evaluated on a fixed source sample large enough that its noise floor is about a 
 * ott-jax's ``SemidiscreteSolver`` via ``lsot_jax.ott_interop.ott_semidiscrete_solve`` at the best of a
   small Adam grid (``bench_solver.time_ott``: doubling iteration budgets, each compiled, then timed);
 * ott-jax ``Sinkhorn`` on ``PointCloud(x_samples, y)`` (M sampled source points, no ``batch_size=``: ott-jax
-  0.6's online mode fails with jax >= 0.9, DESIGN.md section 5, so the [M, n] cost matrix is dense), with
+  0.6's online mode fails with jax >= 0.9, ott-jax issue 700, so the [M, n] cost matrix is dense), with
   epsilon = ``--sinkhorn-epsilon`` times the mean cost; its target potential g gives heights
   h = (g - |y|^2) / 2 and the same power-diagram evaluation. M doubles from 16 n until the target is met, the
   time cap is spent, or the dense cost matrix would exceed ``--memory-cap-gib``.

@@ -1,4 +1,4 @@
-"""Comparison generators in latent space (DESIGN.md section 4).
+"""Comparison generators in latent space (baselines of docs/ARCHITECTURE.md and the README results).
 
 Each baseline is a pair of pure functions: a fit that returns a parameter
 pytree of arrays, and ``sample(params, key, num) -> Array [num, d]``:

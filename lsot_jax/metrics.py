@@ -1,4 +1,4 @@
-"""Evaluation metrics for generators (DESIGN.md section 4).
+"""Evaluation metrics for generators (no downloaded weights: features of a classifier trained in the run).
 
 All functions take plain arrays (``jax.Array`` or ``numpy.ndarray``) and
 explicit keyword arguments; none of them sees a config. The JAX metrics
