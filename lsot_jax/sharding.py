@@ -315,6 +315,13 @@ def shard_problem(
   )
 
 
+def _check_mesh(owner: str, mesh: Any, axis_name: Optional[str]) -> None:
+  """A sharded solver's mesh must be a ``Mesh`` with the named (or only) axis."""
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"{owner} needs mesh=jax.sharding.Mesh; got {mesh!r}.")
+  _axis(mesh, axis_name)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShardedBrenierSolver(solver_lib.BrenierSolver):
@@ -333,9 +340,7 @@ class ShardedBrenierSolver(solver_lib.BrenierSolver):
 
   def __post_init__(self):
     super().__post_init__()
-    if not isinstance(self.mesh, Mesh):
-      raise ValueError(f"ShardedBrenierSolver needs mesh=jax.sharding.Mesh; got {self.mesh!r}.")
-    _axis(self.mesh, self.axis_name)
+    _check_mesh("ShardedBrenierSolver", self.mesh, self.axis_name)
 
   def _cell_masses_and_potential(
       self, x: jax.Array, y: jax.Array, h: jax.Array
@@ -394,9 +399,7 @@ class ShardedNewtonSolver(newton_lib.NewtonSolver):
 
   def __post_init__(self):
     super().__post_init__()
-    if not isinstance(self.mesh, Mesh):
-      raise ValueError(f"ShardedNewtonSolver needs mesh=jax.sharding.Mesh; got {self.mesh!r}.")
-    _axis(self.mesh, self.axis_name)
+    _check_mesh("ShardedNewtonSolver", self.mesh, self.axis_name)
 
   def _top_k_cells(self, x, y, h):
     return sharded_top_k(self.mesh, x, y, h, self.top_k, axis_name=self.axis_name, tile_size=self.tile_size,
