@@ -104,7 +104,8 @@ def _check_positive(value, what: str, allow_none: bool = True):
 
 
 class _Prefix:
-  """The first ``n`` records of a random-access source (picklable)."""
+  """The first ``n`` records of a random-access source (picklable), with its
+  length fixed once."""
 
   def __init__(self, records, n: int):
     self._records, self._n = records, min(int(n), len(records))
@@ -256,9 +257,8 @@ def image_source(name: str, split: str, *,
     if not tfds_name:
       raise ValueError("Give a TFDS dataset name after 'tfds:'.")
     opened = data_lib.open_tfds_images(tfds_name, split, data_dir, image_size)
-    records = opened.source
-    if num_examples is not None:
-      records = _Prefix(records, num_examples)
+    # The wrapper also keeps grain from calling the source's len() per read.
+    records = _Prefix(opened.source, num_examples or len(opened.source))
     decode = functools.partial(_decode_tfds, image_size=opened.image_size,
                                crop=opened.crop)
     return _from_records(records, decode, name)
