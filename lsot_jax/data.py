@@ -491,16 +491,10 @@ def _tfds_not_found(tfds_name, data_dir, cause) -> DataNotFoundError:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TfdsImages:
-  """An opened TFDS image split and how its examples are decoded.
-
-  Attributes:
-    source: the random-access ``tfds.data_source`` (``len``, ``[i]`` and
-      ``__getitems__``); an example is a dict with ``"image"`` (uint8
-      [H, W, C] or [H, W]) and, when ``has_label``, ``"label"``.
-    image_size: the output side (None keeps the native size).
-    crop: the centre-crop side (None crops to the shorter side).
-    has_label: whether examples carry an integer ``"label"``.
-  """
+  """An opened TFDS image split (:func:`open_tfds_images`): the random-access
+  ``tfds.data_source`` (examples are dicts with ``"image"`` uint8 [H, W, C]
+  or [H, W] and, when ``has_label``, ``"label"``) and the ``image_size`` /
+  ``crop`` arguments of :func:`decode_tfds_example` for it."""
 
   source: Any
   image_size: int | None
@@ -526,11 +520,9 @@ def open_tfds_images(tfds_name: str, split: str,
     image_size: output side, or None for the dataset's default.
 
   Returns:
-    The :class:`TfdsImages`; nothing is read yet.
-
-  Raises:
-    DataNotFoundError: the split is not prepared in ``array_record`` format.
-    ValueError: the dataset has no ``image`` feature.
+    The :class:`TfdsImages` (nothing is read yet). Raises
+    :class:`DataNotFoundError` when the split is not prepared in
+    ``array_record`` format, ValueError without an ``image`` feature.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = (os.fspath(pathlib.Path(data_dir).expanduser())
@@ -556,17 +548,10 @@ def open_tfds_images(tfds_name: str, split: str,
 
 def decode_tfds_example(example: dict[str, Any], image_size: int | None,
                         crop: int | None) -> tuple[np.ndarray, int | None]:
-  """One TFDS example -> (float32 image [S, S, C] or [H, W, C] in [0, 1], label).
-
-  Args:
-    example: a dict from :attr:`TfdsImages.source` (``"image"`` uint8 of
-      shape [H, W, C] or [H, W], optional ``"label"``).
-    image_size: output side, or None to keep the native size.
-    crop: centre-crop side (None: the shorter side); used with image_size.
-
-  Returns:
-    ``(image, label)``; label is None when the example has none.
-  """
+  """A TFDS example dict -> ``(image, label)``: float32 [S, S, C] (centre
+  crop ``crop``, None: the shorter side, resized to ``image_size``) or the
+  native [H, W, C] when ``image_size`` is None, in [0, 1]; label an int, or
+  None when the example has no ``"label"``."""
   image = np.asarray(example["image"])
   if image.ndim == 2:
     image = image[..., None]
@@ -645,16 +630,8 @@ def _read_partition(path: pathlib.Path) -> dict[str, int]:
 
 def decode_image_file(path: str | os.PathLike, size: int,
                       crop: int | None) -> np.ndarray:
-  """Decodes an image file (JPEG, PNG, ...) to RGB, centre-crops and resizes.
-
-  Args:
-    path: the image file.
-    size: output side.
-    crop: centre-crop side (None: the shorter side; larger than the image:
-      clipped to it).
-
-  Returns:
-    float32 array of shape [size, size, 3] in [0, 1].
+  """An image file (JPEG, PNG, ...) -> float32 RGB [size, size, 3] in [0, 1],
+  centre-cropped to ``crop`` (None: the shorter side) and resized.
 
   Raises:
     DataCorruptError: the file cannot be read or decoded (names the file).
@@ -683,12 +660,9 @@ def celeba_folder_files(data_dir: str | os.PathLike | None, split: str,
     num_examples: keep only the first ``num_examples`` files.
 
   Returns:
-    The files of the split (at least one).
-
-  Raises:
-    DataNotFoundError: no data_dir, a missing folder, or no images in it.
-    ValueError: an unknown split.
-    DataCorruptError: a malformed partition file.
+    The files of the split (at least one). Raises DataNotFoundError (no
+    data_dir, no folder, no images), ValueError (split), DataCorruptError
+    (partition file).
   """
   if data_dir is None:
     raise DataNotFoundError(
