@@ -119,10 +119,6 @@ class _Prefix:
     return self._records[index]
 
 
-def _decode_tfds(example, image_size, crop):
-  return data_lib.decode_tfds_example(example, image_size, crop)
-
-
 def _decode_file(path, size, crop):
   return data_lib.decode_image_file(path, size, crop), None
 
@@ -259,7 +255,8 @@ def image_source(name: str, split: str, *,
     opened = data_lib.open_tfds_images(tfds_name, split, data_dir, image_size)
     # The wrapper also keeps grain from calling the source's len() per read.
     records = _Prefix(opened.source, num_examples or len(opened.source))
-    decode = functools.partial(_decode_tfds, image_size=opened.image_size,
+    decode = functools.partial(data_lib.decode_tfds_example,
+                               image_size=opened.image_size,
                                crop=opened.crop)
     return _from_records(records, decode, name)
   if name == "celeba_folder":
