@@ -37,18 +37,29 @@ import os
 import pathlib
 import sys
 import zlib
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "CELEBA_CROP",
+    "CELEBA_SIZE",
+    "DATASET_NAMES",
     "DataCorruptError",
     "DataNotFoundError",
     "Dataset",
-    "DATASET_NAMES",
     "TFDS_NAMES",
     "TOY_NAMES",
+    "TfdsImages",
+    "celeba_folder_files",
+    "crop_resize",
+    "crop_resize_batch",
+    "decode_image_file",
+    "decode_tfds_example",
     "load_dataset",
+    "open_tfds_images",
     "read_idx",
+    "to_unit_float",
     "toy_modes",
 ]
 
@@ -60,8 +71,8 @@ _TFDS_PREFIX = "tfds:"
 _SPLITS = ("train", "test")
 _TOY_DEFAULT_SIZE = {"train": 10_000, "test": 2_500}
 _DIGITS_NUM_TEST = 297
-_CELEBA_CROP = 140
-_CELEBA_SIZE = 64
+CELEBA_CROP = 140
+CELEBA_SIZE = 64
 _CELEBA_TEST_FRACTION = 0.1
 _CELEBA_PARTITION_FILE = "list_eval_partition.txt"
 _CELEBA_PARTITION_ID = {"train": 0, "validation": 1, "test": 2}
@@ -274,7 +285,7 @@ def _load_digits(name, split, num_examples, image_size):
   sl = slice(0, cut) if split == "train" else slice(cut, None)
   images, labels = images[sl][:num_examples], labels[sl][:num_examples]
   if image_size is not None:
-    images = _crop_resize_batch(images, image_size, crop=None)
+    images = crop_resize_batch(images, image_size, crop=None)
   return Dataset(x=images, labels=labels, name=name, kind="image")
 
 
@@ -398,9 +409,9 @@ def _load_mnist(name, split, data_dir, num_examples, image_size):
   images, labels = images[:num_examples], labels[:num_examples]
   x = images[..., None]
   if image_size is not None:
-    x = _crop_resize_batch(x, image_size, crop=None)
+    x = crop_resize_batch(x, image_size, crop=None)
   else:
-    x = _to_unit_float(x)
+    x = to_unit_float(x)
   return Dataset(x=x, labels=labels.astype(np.int32), name=name, kind="image")
 
 
@@ -408,14 +419,14 @@ def _load_mnist(name, split, data_dir, num_examples, image_size):
 # Image helpers.
 
 
-def _to_unit_float(images: np.ndarray) -> np.ndarray:
+def to_unit_float(images: np.ndarray) -> np.ndarray:
   """uint8 [..] -> float32 in [0, 1]; float input is passed through."""
   if images.dtype == np.uint8:
     return images.astype(np.float32) / np.float32(255.0)
   return images.astype(np.float32)
 
 
-def _crop_resize(image: np.ndarray, size: int | None, crop: int | None):
+def crop_resize(image: np.ndarray, size: int | None, crop: int | None):
   """Centre-crops an image [H, W, C] to a square and resizes it.
 
   Args:
@@ -433,13 +444,13 @@ def _crop_resize(image: np.ndarray, size: int | None, crop: int | None):
   top, left = (h - side) // 2, (w - side) // 2
   image = image[top:top + side, left:left + side]
   if size is None or size == side:
-    return _to_unit_float(image)
+    return to_unit_float(image)
   resample = Image.Resampling.BICUBIC
   if image.dtype == np.uint8 and c in (1, 3):
     pil = Image.fromarray(image[..., 0] if c == 1 else image)
     out = np.asarray(pil.resize((size, size), resample))
-    return _to_unit_float(out.reshape(size, size, c))
-  image = _to_unit_float(image)
+    return to_unit_float(out.reshape(size, size, c))
+  image = to_unit_float(image)
   channels = [
       np.asarray(Image.fromarray(np.ascontiguousarray(image[..., k])).resize(
           (size, size), resample)) for k in range(c)
@@ -447,11 +458,11 @@ def _crop_resize(image: np.ndarray, size: int | None, crop: int | None):
   return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
 
 
-def _crop_resize_batch(images: np.ndarray, size: int, crop: int | None):
-  """Applies :func:`_crop_resize` to images of shape [N, H, W, C]."""
+def crop_resize_batch(images: np.ndarray, size: int, crop: int | None):
+  """Applies :func:`crop_resize` to images of shape [N, H, W, C]."""
   out = np.empty((images.shape[0], size, size, images.shape[-1]), np.float32)
   for i, image in enumerate(images):
-    out[i] = _crop_resize(image, size, crop)
+    out[i] = crop_resize(image, size, crop)
   return out
 
 
@@ -478,16 +489,40 @@ def _tfds_not_found(tfds_name, data_dir, cause) -> DataNotFoundError:
       "(data_dir=DIR in Python).")
 
 
-def _load_tfds(name, tfds_name, split, data_dir, num_examples, image_size):
-  """Reads a prepared TFDS dataset through ``tfds.data_source``.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsImages:
+  """An opened TFDS image split (:func:`open_tfds_images`): the random-access
+  ``tfds.data_source`` (examples are dicts with ``"image"`` uint8 [H, W, C]
+  or [H, W] and, when ``has_label``, ``"label"``) and the ``image_size`` /
+  ``crop`` arguments of :func:`decode_tfds_example` for it."""
+
+  source: Any
+  image_size: int | None
+  crop: int | None
+  has_label: bool
+
+
+def open_tfds_images(tfds_name: str, split: str,
+                     data_dir: str | os.PathLike | None,
+                     image_size: int | None) -> TfdsImages:
+  """Opens a prepared TFDS image split with ``tfds.data_source``.
 
   ``download=False`` always: without the prepared files TFDS fails at once
   (a KeyError, NotImplementedError or DatasetNotFoundError depending on what
-  is missing), which is turned into :class:`DataNotFoundError`. Records are
-  fetched in batches with ``__getitems__`` (array_record reads them in
-  parallel); each image is decoded by TFDS with PIL, then cropped/resized
-  into a preallocated float32 array, so peak memory is the output plus one
-  batch.
+  is missing), which is turned into :class:`DataNotFoundError`. CelebA
+  (``celeb_a``) is centre-cropped to 140 and resized to 64 by default.
+
+  Args:
+    tfds_name: the TFDS name (``"celeb_a"``, ``"mnist:3.0.1"``, ...).
+    split: a TFDS split string.
+    data_dir: the TFDS data dir (None: ``$TFDS_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
+    image_size: output side, or None for the dataset's default.
+
+  Returns:
+    The :class:`TfdsImages` (nothing is read yet). Raises
+    :class:`DataNotFoundError` when the split is not prepared in
+    ``array_record`` format, ValueError without an ``image`` feature.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = (os.fspath(pathlib.Path(data_dir).expanduser())
@@ -503,12 +538,41 @@ def _load_tfds(name, tfds_name, split, data_dir, num_examples, image_size):
     raise ValueError(
         f"TFDS dataset {tfds_name!r} has no 'image' feature (features: "
         f"{sorted(features.keys())}).")
-  has_label = "label" in features
   is_celeba = tfds_name.split(":")[0].split("/")[0] == "celeb_a"
-  crop = _CELEBA_CROP if is_celeba else None
+  crop = CELEBA_CROP if is_celeba else None
   if is_celeba and image_size is None:
-    image_size = _CELEBA_SIZE
+    image_size = CELEBA_SIZE
+  return TfdsImages(source=source, image_size=image_size, crop=crop,
+                    has_label="label" in features)
 
+
+def decode_tfds_example(example: dict[str, Any], image_size: int | None,
+                        crop: int | None) -> tuple[np.ndarray, int | None]:
+  """A TFDS example dict -> ``(image, label)``: float32 [S, S, C] (centre
+  crop ``crop``, None: the shorter side, resized to ``image_size``) or the
+  native [H, W, C] when ``image_size`` is None, in [0, 1]; label an int, or
+  None when the example has no ``"label"``."""
+  image = np.asarray(example["image"])
+  if image.ndim == 2:
+    image = image[..., None]
+  if image_size is not None:
+    image = crop_resize(image, image_size, crop)
+  else:
+    image = to_unit_float(image)
+  label = int(np.asarray(example["label"])) if "label" in example else None
+  return image, label
+
+
+def _load_tfds(name, tfds_name, split, data_dir, num_examples, image_size):
+  """Reads a prepared TFDS dataset through :func:`open_tfds_images`.
+
+  Records are fetched in batches with ``__getitems__`` (array_record reads
+  them in parallel); each image is decoded by TFDS with PIL, then
+  cropped/resized into a preallocated float32 array, so peak memory is the
+  output plus one batch.
+  """
+  opened = open_tfds_images(tfds_name, split, data_dir, image_size)
+  source, has_label = opened.source, opened.has_label
   n = len(source)
   if num_examples is not None:
     n = min(n, num_examples)
@@ -519,13 +583,8 @@ def _load_tfds(name, tfds_name, split, data_dir, num_examples, image_size):
     keys = list(range(start, min(start + _TFDS_READ_BATCH, n)))
     examples = source.__getitems__(keys)
     for offset, example in enumerate(examples):
-      image = np.asarray(example["image"])
-      if image.ndim == 2:
-        image = image[..., None]
-      if image_size is not None:
-        image = _crop_resize(image, image_size, crop)
-      else:
-        image = _to_unit_float(image)
+      image, label = decode_tfds_example(example, opened.image_size,
+                                         opened.crop)
       if x is None:
         x = np.empty((n,) + image.shape, np.float32)
         labels = np.empty((n,), np.int32) if has_label else None
@@ -535,7 +594,7 @@ def _load_tfds(name, tfds_name, split, data_dir, num_examples, image_size):
             f"and {image.shape}); pass image_size to resize them.")
       x[start + offset] = image
       if has_label:
-        labels[start + offset] = int(np.asarray(example["label"]))
+        labels[start + offset] = label
   return Dataset(x=x, labels=labels, name=name, kind="image")
 
 
@@ -569,22 +628,41 @@ def _read_partition(path: pathlib.Path) -> dict[str, int]:
   return table
 
 
-def _load_image_file(path: pathlib.Path, size: int, crop: int) -> np.ndarray:
+def decode_image_file(path: str | os.PathLike, size: int,
+                      crop: int | None) -> np.ndarray:
+  """An image file (JPEG, PNG, ...) -> float32 RGB [size, size, 3] in [0, 1],
+  centre-cropped to ``crop`` (None: the shorter side) and resized.
+
+  Raises:
+    DataCorruptError: the file cannot be read or decoded (names the file).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as pil:
       image = np.asarray(pil.convert("RGB"))
   except OSError as e:  # PIL.UnidentifiedImageError is an OSError.
-    raise DataCorruptError(f"Cannot decode image {path}: {e}") from e
-  return _crop_resize(image, size, crop)
+    raise DataCorruptError(
+        f"Cannot decode image {path}: {e}. Replace or remove the file.") from e
+  return crop_resize(image, size, crop)
 
 
-def _load_celeba_folder(name, split, data_dir, num_examples, image_size):
-  """CelebA aligned JPEGs: centre crop 140, resize (default 64), sorted order.
+def celeba_folder_files(data_dir: str | os.PathLike | None, split: str,
+                        num_examples: int | None = None) -> list[pathlib.Path]:
+  """The image files of a ``celeba_folder`` split, in sorted order.
 
   The split is the standard one from ``list_eval_partition.txt`` when that
   file is next to the images (0 train, 1 validation, 2 test); otherwise the
   last 10% of the sorted files are the test split.
+
+  Args:
+    data_dir: a folder of JPEG/PNG files, or one holding ``img_align_celeba/``.
+    split: ``"train"``, ``"test"`` (or ``"validation"`` with a partition file).
+    num_examples: keep only the first ``num_examples`` files.
+
+  Returns:
+    The files of the split (at least one). Raises DataNotFoundError (no
+    data_dir, no folder, no images), ValueError (split), DataCorruptError
+    (partition file).
   """
   if data_dir is None:
     raise DataNotFoundError(
@@ -623,12 +701,19 @@ def _load_celeba_folder(name, split, data_dir, num_examples, image_size):
   if not files:
     raise DataNotFoundError(
         f"celeba_folder split {split!r} in {image_dir} has no images.")
-  size = image_size or _CELEBA_SIZE
+  return files
+
+
+def _load_celeba_folder(name, split, data_dir, num_examples, image_size):
+  """CelebA aligned JPEGs (:func:`celeba_folder_files`): centre crop 140,
+  resize (default 64), decoded by a thread pool into one float32 array."""
+  files = celeba_folder_files(data_dir, split, num_examples)
+  size = image_size or CELEBA_SIZE
   x = np.empty((len(files), size, size, 3), np.float32)
   workers = min(8, os.cpu_count() or 1)
 
   def fill(i):
-    x[i] = _load_image_file(files[i], size, _CELEBA_CROP)
+    x[i] = decode_image_file(files[i], size, CELEBA_CROP)
 
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for _ in pool.map(fill, range(len(files))):

@@ -246,9 +246,9 @@ def test_centre_crop_and_resize():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (9, 6, 3), dtype=np.uint8)
   # Crop only (size equals the crop side): an exact centre slice.
-  out = data._crop_resize(image, 6, None)  # pylint: disable=protected-access
+  out = data.crop_resize(image, 6, None)
   np.testing.assert_array_equal(out, image[1:7] / np.float32(255))
-  out = data._crop_resize(image, 4, 4)  # pylint: disable=protected-access
+  out = data.crop_resize(image, 4, 4)
   assert out.shape == (4, 4, 3)
   np.testing.assert_allclose(out, image[2:6, 1:5] / 255.0, atol=1e-6)
   # Crop 140 of a 160x150 image whose centre square is half black, half
@@ -257,7 +257,7 @@ def test_centre_crop_and_resize():
   halves[10:150, 5:75] = 0
   halves[10:150, 75:145] = 255
   for image in (halves, halves / np.float32(255)):
-    out = data._crop_resize(image, 64, 140)  # pylint: disable=protected-access
+    out = data.crop_resize(image, 64, 140)
     assert out.shape == (64, 64, 3) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     np.testing.assert_allclose(out[:, :30], 0.0, atol=1e-6)
