@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from lsot_jax import kernels
+from lsot_jax import multiscale
 from lsot_jax import solver as solver_lib
 
 __all__ = [
@@ -67,7 +68,8 @@ __all__ = [
     "pcg",
 ]
 
-INITIALISATIONS = ("gaussian", "voronoi", "zero")
+INITIALISATIONS = ("multiscale", "gaussian", "voronoi", "zero")
+_START_SEED = 0x3C5
 
 
 def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, source_var: jax.Array) -> jax.Array:
@@ -268,7 +270,14 @@ class NewtonSolver:
     cg_tol: relative residual of the conjugate-gradient solve.
     cg_max_iter: conjugate-gradient iterations at most.
     tol: stop once a fresh evaluation's sqrt(chi^2) (an upper bound on the L1 error) is at most this.
-    initialisation: ``"gaussian"`` (:func:`gaussian_heights`), ``"voronoi"`` (-|y - m|^2 / 2) or ``"zero"``.
+    initialisation: ``"multiscale"`` (coarse-to-fine, see ``coarsening``), ``"gaussian"``
+      (:func:`gaussian_heights`), ``"voronoi"`` (-|y - m|^2 / 2) or ``"zero"``.
+    coarsening: targets per k-means cluster between the levels of the ``"multiscale"`` start: the n codes
+      are grouped into ceil(n / coarsening) clusters, that problem is solved (recursively, down to
+      ``coarsest`` targets, which start from :func:`gaussian_heights`) and refined by
+      :func:`lsot_jax.multiscale.refine_heights`.
+    coarsest: the coarsest level's size at most.
+    coarse_samples_per_cell: a coarse level of K targets solves up to a sample of this times K points.
     verify: after the last stage, measure the result on one more fresh sample of the last size (the final
       ``error_bound``); without it the last bound is the one measured at the start of the last stage.
     tile_size: targets per tile in the kernels.
@@ -294,6 +303,9 @@ class NewtonSolver:
   cg_max_iter: int = dataclasses.field(default=300, metadata=dict(static=True))
   tol: float = dataclasses.field(default=0.0, metadata=dict(static=True))
   initialisation: str = dataclasses.field(default="gaussian", metadata=dict(static=True))
+  coarsening: int = dataclasses.field(default=8, metadata=dict(static=True))
+  coarsest: int = dataclasses.field(default=64, metadata=dict(static=True))
+  coarse_samples_per_cell: int = dataclasses.field(default=256, metadata=dict(static=True))
   verify: bool = dataclasses.field(default=True, metadata=dict(static=True))
   tile_size: int = dataclasses.field(default=8192, metadata=dict(static=True))
   row_chunk: int = dataclasses.field(default=4096, metadata=dict(static=True))
@@ -313,6 +325,8 @@ class NewtonSolver:
                  "hessian_samples_per_cell", "max_stage_steps", "cg_max_iter"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+    if self.coarsening < 2 or self.coarsest < 2:
+      raise ValueError(f"Need coarsening >= 2 and coarsest >= 2; got {self.coarsening}, {self.coarsest}.")
     if self.max_samples < self.min_samples:
       raise ValueError(f"Need min_samples <= max_samples; got {self.min_samples}, {self.max_samples}.")
 
@@ -409,20 +423,38 @@ class NewtonSolver:
 
   def init_heights(self, problem: solver_lib.SemidiscreteProblem) -> jax.Array:
     """Initial heights of shape [n], mean-centred (see ``initialisation``)."""
+    return self._start(problem)[0]
+
+  def _start(self, problem: solver_lib.SemidiscreteProblem) -> Tuple[jax.Array, jax.Array]:
+    """Initial heights [n] and the work spent on them, in source samples scored against all n targets."""
     nu = problem.weights
+    zero = jnp.zeros((), jnp.float32)
     if self.initialisation == "voronoi":
-      h = solver_lib.voronoi_heights(problem.y, nu)
-    elif self.initialisation == "gaussian":
+      return solver_lib.centre(solver_lib.voronoi_heights(problem.y, nu), nu), zero
+    if self.initialisation == "zero":
+      return jnp.zeros((problem.num_targets,), problem.y.dtype), zero
+    levels = multiscale.level_sizes(problem.num_targets, self.coarsening, self.coarsest)
+    if self.initialisation == "gaussian" or not levels:
       probe = problem.source.sample(jax.random.key(0x6A5), 4096)
       h = gaussian_heights(problem.y, nu, jnp.mean(probe, axis=0), jnp.mean(jnp.var(probe, axis=0)))
-    else:
-      h = jnp.zeros((problem.num_targets,), problem.y.dtype)
-    return solver_lib.centre(h, nu)
+      return solver_lib.centre(h, nu), zero
+    return _multiscale_start(self, problem)
+
+  def coarse_solver(self, k: int) -> "NewtonSolver":
+    """The single-device solver of a coarse level with k targets (no verification, its sample capped)."""
+    cap = 1 << max(0, math.ceil(math.log2(self.coarse_samples_per_cell * k)))
+    cap = min(max(cap, self.min_samples), self.max_samples)
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(NewtonSolver)}
+    # A plain solver: coarse levels are small, and a sharded one would need K to fit the mesh.
+    return NewtonSolver(**dict(fields, verify=False, tol=0.0, max_samples=cap))
 
   def init(self, problem: solver_lib.SemidiscreteProblem, h_init: Optional[jax.Array] = None) -> NewtonState:
     """Initial state (a pytree) with preallocated histories."""
     n = problem.num_targets
-    h = self.init_heights(problem) if h_init is None else solver_lib.centre(h_init, problem.weights)
+    if h_init is None:
+      h, scored = self._start(problem)
+    else:
+      h, scored = solver_lib.centre(h_init, problem.weights), jnp.zeros((), jnp.float32)
     rows = self.hessian_rows(n)
     t = self.num_iterations
     f = lambda v: jnp.full((t,), v, jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
@@ -433,7 +465,7 @@ class NewtonSolver:
         h=h, counts=jnp.zeros((n,), jnp.int32), energy=jnp.zeros((), jnp.float32),
         top_vals=jnp.full((rows, self.top_k), -jnp.inf, jnp.float32),
         top_idx=jnp.zeros((rows, self.top_k), jnp.int32),
-        samples_scored=jnp.zeros((), jnp.float32), error_bound=jnp.asarray(jnp.inf, jnp.float32),
+        samples_scored=scored, error_bound=jnp.asarray(jnp.inf, jnp.float32),
         errors=f(jnp.inf), chi2=f(jnp.nan), fresh_l1=f(jnp.nan), sample_sizes=jnp.zeros((t,), jnp.int32),
         scored=f(jnp.nan), energies=f(jnp.inf), alphas=f(jnp.nan),
         cg_iterations=jnp.zeros((t,), jnp.int32), empty_cells=jnp.zeros((t,), jnp.int32),
@@ -614,3 +646,23 @@ class NewtonSolver:
     state = self.run(rng, problem, self.init(problem, h_init))
     return self.output(problem, state), state
 
+
+
+@jax.jit
+def _multiscale_start(solver: NewtonSolver, problem: solver_lib.SemidiscreteProblem
+                      ) -> Tuple[jax.Array, jax.Array]:
+  """The ``"multiscale"`` start: k-means, a coarse solve (itself multiscale), the Gaussian refinement.
+
+  Returns:
+    ``(h, scored)``: heights [n] and the coarse levels' work in samples scored against n targets.
+  """
+  n = problem.num_targets
+  k = multiscale.level_sizes(n, solver.coarsening, solver.coarsest)[0]
+  key = jax.random.key(_START_SEED)
+  _, labels = multiscale.kmeans(jax.random.fold_in(key, 0), problem.y, problem.weights, k)
+  coarse = multiscale.coarse_problem(problem, labels, k)
+  coarse_solver = solver.coarse_solver(k)
+  state = coarse_solver.run(jax.random.fold_in(key, 1), coarse, coarse_solver.init(coarse))
+  probe = min(max(64 * k, 16384), 1 << 18)
+  h = multiscale.refine_heights(jax.random.fold_in(key, 2), problem, labels, coarse, state.h, probe)
+  return h, (state.samples_scored + probe) * (k / n)
