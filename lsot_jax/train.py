@@ -399,8 +399,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
       replicated on the mesh. None trains on the default device. A checkpoint written with or without a
       mesh resumes with or without one.
     axis_name: the mesh axis to split batches over; the mesh's only axis if None.
-    tracker: a :class:`lsot_jax.tracking.Tracker` receiving the step losses and epoch records as scalars
-      under ``"autoencoder/"`` (module docstring); None writes nothing. The results do not depend on it.
+    tracker: a :class:`lsot_jax.tracking.Tracker` for the ``autoencoder/`` scalars (module docstring), or None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg`` (e.g. ``epochs=3, seed=1``).
 
   Returns:
@@ -615,8 +614,7 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
       replicated on the mesh. None trains on the default device. A checkpoint written with or without a
       mesh resumes with or without one.
     axis_name: the mesh axis to split batches over; the mesh's only axis if None.
-    tracker: a :class:`lsot_jax.tracking.Tracker` receiving the step losses and epoch records as scalars
-      under ``"vae/"`` (module docstring); None writes nothing. The results do not depend on it.
+    tracker: a :class:`lsot_jax.tracking.Tracker` for the ``vae/`` scalars (module docstring), or None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
 
   Returns:
