@@ -28,6 +28,8 @@ from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 from sklearn import mixture
 
+from lsot_jax import tracking
+
 __all__ = [
     "fit_gaussian",
     "fit_gmm",
@@ -396,6 +398,7 @@ def train_wgan_gp(
     b1: float = 0.5,
     b2: float = 0.9,
     return_history: bool = False,
+    tracker: Optional[tracking.Tracker] = None,
 ):
   """Trains a latent WGAN-GP (Gulrajani et al. 2017) on the codes.
 
@@ -421,6 +424,10 @@ def train_wgan_gp(
     b2: Adam beta 2.
     return_history: also return ``{"critic_loss": [num_steps],
       "generator_loss": [num_steps]}``.
+    tracker: a :class:`lsot_jax.tracking.Tracker`; after the scan, generator
+      step k (1-based) gets the scalars ``wgan_gp/critic_loss`` (the last
+      critic loss before it) and ``wgan_gp/generator_loss``. None writes
+      nothing; the result does not depend on it.
 
   Returns:
     The generator params ``{"layers": [...]}`` for :func:`sample_wgan_gp`,
@@ -438,6 +445,9 @@ def train_wgan_gp(
       noise_dim=noise_dim, n_critic=int(n_critic), gp_weight=float(gp_weight),
       learning_rate=float(learning_rate), b1=float(b1), b2=float(b2))
   params = dict(layers=gen)
+  if tracker is not None:
+    losses = jax.device_get(dict(critic_loss=c_hist, generator_loss=g_hist))
+    tracking.write_history(tracker, losses, "wgan_gp")
   if return_history:
     return params, dict(critic_loss=c_hist, generator_loss=g_hist)
   return params

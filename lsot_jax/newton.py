@@ -45,12 +45,17 @@ Contract (as :class:`lsot_jax.solver.BrenierSolver`): pure and jit-able (``jax.j
 the whole loop on device (one ``lax.while_loop`` per stage), preallocated histories, resumable in chunks of
 steps with identical results, usable under ``jax.vmap`` over keys, and sharded over a mesh by
 :class:`lsot_jax.sharding.ShardedNewtonSolver`.
+
+**Progress.** With ``callback`` set, every ``callback_every`` steps the loop hands a dict of Python scalars
+to that host function (``jax.debug.callback``, unordered, inside a ``lax.cond`` so other steps make no host
+call); it only reads the state, so the results are the same with or without it
+(:class:`lsot_jax.tracking.ProgressLogger` shows it as a bar or log lines).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -284,6 +289,17 @@ class NewtonSolver:
     row_chunk: source rows per chunk in the assignment kernel.
     top_k_row_chunk: source rows per chunk in the top-k kernel.
     method: assignment reduction (``"auto"``, ``"fused"``, ``"argmax"``).
+    callback: None, or a host function called every ``callback_every`` steps with a dict of Python scalars:
+      ``step`` (steps done, counted over chunks), ``num_samples`` (the stage sample size M_s), ``l1`` (the
+      L1 marginal error of the step's heights on that sample), ``energy`` (E(h) on that sample), ``stage``
+      (the stage index; the verification pass is ``len(stage_sizes)``), ``alpha`` (accepted damping, 0 for
+      a rejected step, nan for a fresh evaluation) and ``empty`` (cells with weight and no sample). It must
+      not raise; its return value is ignored, and it is part of the solver's static identity (a new
+      callback object compiles anew). Under ``jax.vmap`` (say over keys) the loop's conditionals run for
+      every batch element, so the device makes one host call per element on *every* step; the host side
+      drops the calls that are not due, and the callback receives one record per element and due step,
+      with that element's scalars (no batch index; the order across elements is not fixed).
+    callback_every: steps between two callback calls (>= 1).
   """
 
   num_iterations: int = dataclasses.field(default=64, metadata=dict(static=True))
@@ -311,8 +327,15 @@ class NewtonSolver:
   row_chunk: int = dataclasses.field(default=4096, metadata=dict(static=True))
   top_k_row_chunk: int = dataclasses.field(default=256, metadata=dict(static=True))
   method: str = dataclasses.field(default="auto", metadata=dict(static=True))
+  callback: Optional[Callable[[Dict[str, Any]], None]] = dataclasses.field(default=None,
+                                                                          metadata=dict(static=True))
+  callback_every: int = dataclasses.field(default=1, metadata=dict(static=True))
 
   def __post_init__(self):
+    if self.callback is not None and not callable(self.callback):
+      raise ValueError(f"callback must be a callable taking a dict, or None; got {type(self.callback).__name__}.")
+    if not isinstance(self.callback_every, int) or self.callback_every < 1:
+      raise ValueError(f"callback_every must be an integer >= 1; got {self.callback_every!r}.")
     if self.initialisation not in INITIALISATIONS:
       raise ValueError(f"Unknown initialisation {self.initialisation!r}; use one of {INITIALISATIONS}.")
     if self.growth < 2:
@@ -622,8 +645,39 @@ class NewtonSolver:
       # out of its while loop: without it, every call paid for the sampling of every later stage (a chunk
       # of one step at n = 2,000 took 16.6 s instead of 0.5 s with a 2^22 last stage).
       body = lambda s, stage=stage, step=step: jax.lax.cond(s.stage == stage, step, lambda s: s, s)  # pylint: disable=unnecessary-lambda-assignment
+      if self.callback is not None:
+        body = self._reporting(body, cond, stage)
       state = jax.lax.while_loop(cond, body, state)
     return state
+
+  # ---- progress ------------------------------------------------------------------------------------------
+
+  def _reporting(self, body, cond, stage: int):
+    """``body`` followed by a callback call when the step it took is due.
+
+    ``due`` repeats the loop condition: under ``jax.vmap`` the loop body also runs for elements whose loop
+    has ended (their result is discarded), and the host side must drop those calls.
+    """
+
+    def host(due, record):
+      if bool(due):
+        self.callback({k: v.item() for k, v in record.items()})
+
+    def report(before, after):
+      active = cond(before)
+      due = active & (after.it > before.it) & (after.it % self.callback_every == 0)
+      i = jnp.maximum(after.it - 1, 0)
+      record = dict(step=after.it, num_samples=after.sample_sizes[i], l1=after.errors[i],
+                    energy=after.energies[i], stage=jnp.int32(stage), alpha=after.alphas[i],
+                    empty=after.empty_cells[i])
+      jax.lax.cond(due, lambda: jax.debug.callback(host, due, record, ordered=False), lambda: None)
+
+    def reporting_body(s):
+      new = body(s)
+      report(s, new)
+      return new
+
+    return reporting_body
 
   def finished(self, problem: solver_lib.SemidiscreteProblem, state: NewtonState) -> jax.Array:
     """Scalar bool: nothing is left to do (converged, diverged, verified or out of steps)."""

@@ -24,6 +24,11 @@ All three loops share one engine with these properties:
   follows the single-device run to float tolerance, and checkpoints resume with or without a mesh.
 * One JSON line per finished epoch goes to ``log_path`` (``stage, epoch, step, loss, examples_per_sec,
   seconds``), and a tqdm bar shows loss and throughput when stderr is a terminal.
+* With a ``tracker`` (:mod:`lsot_jax.tracking`, e.g. TensorBoard event files), every fetched step loss is
+  written as the scalar ``<stage>/loss`` at its step (1-based: steps done), and each epoch's record as
+  ``<stage>/epoch_loss`` and ``<stage>/examples_per_sec`` at the epoch's last step. The tracker only
+  receives fetched host values, so the parameters are the same with or without one.
+* One update step (:func:`optimizer_step`) serves these loops and :func:`train_autoencoders_vmapped`.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import tqdm
 from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import models
 from lsot_jax import sharding
+from lsot_jax import tracking
 
 __all__ = [
     "LR_SCHEDULES",
@@ -53,6 +59,7 @@ __all__ = [
     "TrainingDiverged",
     "batched_apply",
     "epoch_permutation",
+    "optimizer_step",
     "restore_autoencoder",
     "train_autoencoder",
     "train_autoencoders_vmapped",
@@ -207,6 +214,21 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
+def optimizer_step(loss_fn: Callable[..., Tuple[jax.Array, Any]], tx: optax.GradientTransformation,
+               params: models.Params, opt_state: Any, batch: Any, key: Optional[jax.Array]
+               ) -> Tuple[models.Params, Any, jax.Array, jax.Array]:
+  """One optimiser step on ``loss_fn(params, batch, key) -> (loss, aux)``.
+
+  Returns:
+    ``(new_params, new_opt_state, loss, finite)``: ``loss`` is the scalar loss at ``params``; ``finite`` a
+    scalar bool, whether the loss and every new parameter are finite.
+  """
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  return new_params, opt_state, loss, jnp.isfinite(loss) & _all_finite(new_params)
+
+
 def _append_log(log_path: Optional[str], record: Dict[str, Any]) -> None:
   if log_path is None:
     return
@@ -219,7 +241,8 @@ def _append_log(log_path: Optional[str], record: Dict[str, Any]) -> None:
 def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Array, Any]],
          arrays: Sequence[np.ndarray], ckpt_dir: str, cfg: TrainConfig, log_path: Optional[str],
          progress: bool, info: Dict[str, Any], mesh: Optional[jax.sharding.Mesh] = None,
-         axis_name: Optional[str] = None) -> Tuple[models.Params, History, Dict[str, Any]]:
+         axis_name: Optional[str] = None,
+         tracker: Optional[tracking.Tracker] = None) -> Tuple[models.Params, History, Dict[str, Any]]:
   """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``.
 
   With ``mesh``, the state is replicated over ``axis_name`` and each batch split along it (module docstring).
@@ -281,10 +304,8 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
 
     def train_step(state, batch, key):
       step_key = jax.random.fold_in(key, state["step"])
-      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, step_key)
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      new_params = optax.apply_updates(state["params"], updates)
-      finite = jnp.isfinite(loss) & _all_finite(new_params)
+      new_params, opt_state, loss, finite = optimizer_step(loss_fn, tx, state["params"], state["opt_state"], batch,
+                                                       step_key)
       new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
       return new_state, loss, finite
 
@@ -302,6 +323,8 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
           raise TrainingDiverged(stage, s, str(ckpt.directory), ckpt.latest_step())
         acc["loss_sum"] += float(loss)
         acc["loss_count"] += 1
+        if tracker is not None:
+          tracker.scalars(s + 1, {"loss": float(loss)}, stage)
       if pending:
         elapsed = max(time.perf_counter() - clock, 1e-9)
         bar.set_postfix(loss=f"{float(fetched[-1][0]):.4g}", ex_s=f"{clock_steps * bs / elapsed:.0f}")
@@ -330,6 +353,9 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
                   "examples_per_sec": clock_steps * bs / max(seconds, 1e-9), "seconds": seconds}
         history.append(record)
         acc = {"loss_sum": 0.0, "loss_count": 0}
+        if tracker is not None:
+          tracker.scalars(step, {"epoch_loss": record["loss"], "examples_per_sec": record["examples_per_sec"]},
+                          stage)
       if save_now:
         if step == total_steps:
           ckpt.save_final(step, state, make_meta())
@@ -356,6 +382,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
                       train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
                       log_path: Optional[str] = None, progress: bool = True,
                       mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
+                      tracker: Optional[tracking.Tracker] = None,
                       **overrides: Any) -> Tuple[Any, models.Params, History]:
   """Trains (or resumes, or skips) the deterministic autoencoder on reconstruction MSE.
 
@@ -372,6 +399,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
       replicated on the mesh. None trains on the default device. A checkpoint written with or without a
       mesh resumes with or without one.
     axis_name: the mesh axis to split batches over; the mesh's only axis if None.
+    tracker: a :class:`lsot_jax.tracking.Tracker` for the ``autoencoder/`` scalars (module docstring), or None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg`` (e.g. ``epochs=3, seed=1``).
 
   Returns:
@@ -391,7 +419,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
 
   info = {"model": "autoencoder", "model_config": dataclasses.asdict(model_cfg), "code_penalty": code_penalty}
   params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info,
-                            mesh, axis_name)
+                            mesh, axis_name, tracker)
   return graphdef, params, history
 
 
@@ -528,15 +556,15 @@ def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.Autoencode
     """One epoch of one setting: ``idx`` int32 [steps_per_epoch, bs] -> (state, losses [steps_per_epoch])."""
     tx = make_tx(lr, wd)
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, key):
+      del key
       return models.autoencoder_loss(graphdef, p, batch, code_penalty=penalty)
 
     def step(state, batch_idx):
-      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x_all[batch_idx])
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
+      params, opt_state, loss, finite = optimizer_step(loss_fn, tx, state["params"], state["opt_state"],
+                                                   x_all[batch_idx], None)
       alive = state["diverged_step"] < 0
-      keep = alive & jnp.isfinite(loss) & _all_finite(params)
+      keep = alive & finite
       pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)  # pylint: disable=unnecessary-lambda-assignment
       new_state = {"params": pick(params, state["params"]), "opt_state": pick(opt_state, state["opt_state"]),
                    "step": state["step"] + 1,
@@ -568,6 +596,7 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
               train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
               log_path: Optional[str] = None, progress: bool = True,
               mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
+              tracker: Optional[tracking.Tracker] = None,
               **overrides: Any) -> Tuple[Any, models.Params, History]:
   """Trains (or resumes, or skips) the Gaussian-prior VAE baseline on the negative ELBO.
 
@@ -585,6 +614,7 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
       replicated on the mesh. None trains on the default device. A checkpoint written with or without a
       mesh resumes with or without one.
     axis_name: the mesh axis to split batches over; the mesh's only axis if None.
+    tracker: a :class:`lsot_jax.tracking.Tracker` for the ``vae/`` scalars (module docstring), or None.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
 
   Returns:
@@ -603,7 +633,7 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
 
   info = {"model": "vae", "model_config": dataclasses.asdict(model_cfg), "beta": beta, "obs_std": obs_std}
   params, history, _ = _fit("vae", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info, mesh,
-                            axis_name)
+                            axis_name, tracker)
   return graphdef, params, history
 
 
@@ -611,7 +641,7 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
                      labels_test: np.ndarray, model_cfg: models.ClassifierConfig, ckpt_dir: str,
                      train_cfg: Optional[TrainConfig] = None, *, log_path: Optional[str] = None,
                      progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
-                     axis_name: Optional[str] = None,
+                     axis_name: Optional[str] = None, tracker: Optional[tracking.Tracker] = None,
                      **overrides: Any) -> Tuple[Any, models.Params, float]:
   """Trains (or resumes, or skips) the evaluation classifier and reports its test accuracy.
 
@@ -630,6 +660,9 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
       replicated on the mesh. None trains on the default device. A checkpoint written with or without a
       mesh resumes with or without one.
     axis_name: the mesh axis to split batches over; the mesh's only axis if None.
+    tracker: a :class:`lsot_jax.tracking.Tracker` receiving the step losses and epoch records as scalars
+      under ``"classifier/"`` (module docstring) and ``classifier/test_accuracy`` at the last step; None
+      writes nothing. The results do not depend on it.
     **overrides: ``TrainConfig`` fields replacing those of ``train_cfg``.
 
   Returns:
@@ -656,9 +689,11 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
     return models.classifier_loss(graphdef, p, batch[0], batch[1])
 
   info = {"model": "classifier", "model_config": dataclasses.asdict(model_cfg)}
-  params, _, _ = _fit("classifier", params, loss_fn, (x, y), ckpt_dir, cfg, log_path, progress, info,
-                        mesh, axis_name)
+  params, _, meta = _fit("classifier", params, loss_fn, (x, y), ckpt_dir, cfg, log_path, progress, info,
+                         mesh, axis_name, tracker)
   predict = jax.jit(lambda xb: jnp.argmax(models.classifier_logits(graphdef, params, xb), axis=-1))
   predictions = batched_apply(predict, xt, batch_size=1024)
   accuracy = float(np.mean(predictions == yt))
+  if tracker is not None:
+    tracker.scalars(int(meta["step"]), {"test_accuracy": accuracy}, "classifier")
   return graphdef, params, accuracy
