@@ -21,12 +21,13 @@ the coarse potential on average over C_k (the cluster keeps its share). Splittin
 codes' heights alone (h_i = H_k, the classical choice) gives its whole mass to the codes on the cluster's
 convex hull and leaves the others empty.
 
-All functions are pure and jit-able; :meth:`lsot_jax.newton.NewtonSolver.init` composes them
-(``initialisation="multiscale"``).
+All functions are pure and jit-able; :func:`multiscale_start` composes them for
+:class:`lsot_jax.newton.NewtonSolver` (``initialisation="multiscale"``). Its cost is counted in the solver's
+``samples_scored``: a coarse level's M samples against K targets count as M K / n.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from lsot_jax import kernels
 from lsot_jax import solver as solver_lib
 
-__all__ = ["kmeans", "coarse_problem", "refine_heights", "level_sizes", "segment_outer"]
+__all__ = ["kmeans", "coarse_problem", "refine_heights", "level_sizes", "multiscale_start", "segment_outer"]
 
 
 def level_sizes(n: int, factor: int, coarsest: int) -> Tuple[int, ...]:
@@ -235,3 +236,28 @@ def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labe
   q = jax.lax.map(quad, (zp, lp)).reshape(-1)[:n]
   h = offset[labels] - jnp.sum(m[labels] * z, axis=1) - 0.5 * q
   return solver_lib.centre(h, nu)
+
+
+@jax.jit
+def multiscale_start(solver: Any, problem: solver_lib.SemidiscreteProblem
+                     ) -> Tuple[jax.Array, jax.Array]:
+  """The ``"multiscale"`` start of a :class:`lsot_jax.newton.NewtonSolver`: k-means, a coarse solve with
+  ``solver.coarse_solver(k)`` (itself multiscale down to ``solver.coarsest`` targets), the refinement.
+
+  Args:
+    solver: the fine level's solver (static: every field of a NewtonSolver is).
+    problem: the fine problem (n targets).
+
+  Returns:
+    ``(h, scored)``: heights [n] and the coarse levels' work in samples scored against n targets.
+  """
+  n = problem.num_targets
+  k = level_sizes(n, solver.coarsening, solver.coarsest)[0]
+  key = jax.random.key(0x3C5)
+  _, labels = kmeans(jax.random.fold_in(key, 0), problem.y, problem.weights, k)
+  coarse = coarse_problem(problem, labels, k)
+  coarse_solver = solver.coarse_solver(k)
+  state = coarse_solver.run(jax.random.fold_in(key, 1), coarse, coarse_solver.init(coarse))
+  probe = min(max(64 * k, 16384), 1 << 18)
+  h = refine_heights(jax.random.fold_in(key, 2), problem, labels, coarse, state.h, probe)
+  return h, (state.samples_scored + probe) * (k / n)

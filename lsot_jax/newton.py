@@ -74,7 +74,6 @@ __all__ = [
 ]
 
 INITIALISATIONS = ("multiscale", "gaussian", "voronoi", "zero")
-_START_SEED = 0x3C5
 
 
 def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, source_var: jax.Array) -> jax.Array:
@@ -461,7 +460,7 @@ class NewtonSolver:
       probe = problem.source.sample(jax.random.key(0x6A5), 4096)
       h = gaussian_heights(problem.y, nu, jnp.mean(probe, axis=0), jnp.mean(jnp.var(probe, axis=0)))
       return solver_lib.centre(h, nu), zero
-    return _multiscale_start(self, problem)
+    return multiscale.multiscale_start(self, problem)
 
   def coarse_solver(self, k: int) -> "NewtonSolver":
     """The single-device solver of a coarse level with k targets (no verification, its sample capped)."""
@@ -469,7 +468,7 @@ class NewtonSolver:
     cap = min(max(cap, self.min_samples), self.max_samples)
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(NewtonSolver)}
     # A plain solver: coarse levels are small, and a sharded one would need K to fit the mesh.
-    return NewtonSolver(**dict(fields, verify=False, tol=0.0, max_samples=cap))
+    return NewtonSolver(**dict(fields, verify=False, tol=0.0, max_samples=cap, callback=None))
 
   def init(self, problem: solver_lib.SemidiscreteProblem, h_init: Optional[jax.Array] = None) -> NewtonState:
     """Initial state (a pytree) with preallocated histories."""
@@ -700,23 +699,3 @@ class NewtonSolver:
     state = self.run(rng, problem, self.init(problem, h_init))
     return self.output(problem, state), state
 
-
-
-@jax.jit
-def _multiscale_start(solver: NewtonSolver, problem: solver_lib.SemidiscreteProblem
-                      ) -> Tuple[jax.Array, jax.Array]:
-  """The ``"multiscale"`` start: k-means, a coarse solve (itself multiscale), the Gaussian refinement.
-
-  Returns:
-    ``(h, scored)``: heights [n] and the coarse levels' work in samples scored against n targets.
-  """
-  n = problem.num_targets
-  k = multiscale.level_sizes(n, solver.coarsening, solver.coarsest)[0]
-  key = jax.random.key(_START_SEED)
-  _, labels = multiscale.kmeans(jax.random.fold_in(key, 0), problem.y, problem.weights, k)
-  coarse = multiscale.coarse_problem(problem, labels, k)
-  coarse_solver = solver.coarse_solver(k)
-  state = coarse_solver.run(jax.random.fold_in(key, 1), coarse, coarse_solver.init(coarse))
-  probe = min(max(64 * k, 16384), 1 << 18)
-  h = multiscale.refine_heights(jax.random.fold_in(key, 2), problem, labels, coarse, state.h, probe)
-  return h, (state.samples_scored + probe) * (k / n)
