@@ -4,7 +4,7 @@
   of scatter panels with shared limits, the real data first, one panel per method and, for a fitted
   :class:`~lsot_jax.solver.BrenierPotential`, a panel "LSOT: source cells": the power diagram rasterised in
   SOURCE space (:func:`cell_raster`), cells coloured by their code's cluster, cell boundaries lighter and
-  the singular set (facets between far-apart codes, where the Brenier map jumps, :func:`map_jumps`) in
+  the singular set (facets between far-apart codes, where the Brenier map jumps) in
   black. In the data-space panels of the LSOT methods the jumps are drawn as thin red chords from one side's
   code to the other's: the map sends the two sides of such a facet to different modes and nothing in between.
 * :func:`interpolation_strip`: for images, the straight line x_t between two source points, each method's map
@@ -94,10 +94,9 @@ class CellRaster:
 
   Attributes:
     idx: int32 array of shape [ny, nx], ``potential.assign`` of each pixel centre (row 0 at the bottom).
-    jumps: bool array of shape [ny, nx], pixels on the singular set (:func:`map_jumps` with a band of one
-      pixel diagonal).
-    second: int32 array of shape [ny, nx], the far cell across the nearest singular facet (see
-      :class:`JumpSet`).
+    jumps: bool array of shape [ny, nx], pixels on the singular set: a 4-neighbour pixel lies in a cell
+      whose code is far from this pixel's (dihedral angle >= the threshold, see :func:`map_jumps`).
+    second: int32 array of shape [ny, nx], that neighbour's cell on singular pixels, ``idx`` elsewhere.
     extent: ``(xmin, xmax, ymin, ymax)`` of the grid.
   """
 
@@ -230,25 +229,32 @@ def cell_raster(
     potential: the fitted potential with 2-D codes (y [n, 2], h [n]).
     extent: ``(xmin, xmax, ymin, ymax)`` in source space.
     resolution: pixels per side.
-    angle_threshold: see :func:`map_jumps`.
+    angle_threshold: dihedral angle (radians) from which two codes are far apart (see :func:`map_jumps`).
 
   Returns:
-    The :class:`CellRaster`; ``idx`` is ``potential.assign`` of :func:`grid_points`.
+    The :class:`CellRaster`; ``idx`` is ``potential.assign`` of :func:`grid_points`; the singular set is
+    exact at the pixel scale (it does not rely on a top-k candidate list, unlike :func:`map_jumps`).
   """
   _check_2d_potential(potential)
   extent = _check_extent(extent, "extent")
   res = int(resolution)
   pts = grid_points(extent, res)
-  idx = np.asarray(_assign(potential, jnp.asarray(pts)))
-  pixel = float(np.hypot((extent[1] - extent[0]) / res, (extent[3] - extent[2]) / res))
-  if potential.y.shape[0] >= 2:
-    jumps = map_jumps(potential, pts, band=pixel, angle_threshold=angle_threshold)
-    mask, second = jumps.mask, jumps.second
-  else:
-    mask, second = np.zeros(idx.shape, bool), idx
-  shape = (res, res)
-  return CellRaster(idx=idx.reshape(shape).astype(np.int32), jumps=mask.reshape(shape),
-                    second=second.reshape(shape).astype(np.int32), extent=extent)
+  idx = np.asarray(_assign(potential, jnp.asarray(pts))).reshape(res, res).astype(np.int32)
+  if angle_threshold is None:
+    angle_threshold = float(_default_angle_threshold(potential.y))
+  y = np.asarray(potential.y)
+  jumps, second = np.zeros(idx.shape, bool), idx.copy()
+  # Each pair of 4-neighbour pixels in different, far-apart cells marks both pixels (right, then up).
+  for a, b in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+               ((slice(None, -1), slice(None)), (slice(1, None), slice(None)))):
+    ia, ib = idx[a], idx[b]
+    far = (ia != ib) & (np.asarray(generate.normal_angles(jnp.asarray(y[ia]), jnp.asarray(y[ib])))
+                        >= float(angle_threshold))
+    jumps[a] |= far
+    jumps[b] |= far
+    second[a] = np.where(far, ib, second[a])
+    second[b] = np.where(far, ia, second[b])
+  return CellRaster(idx=idx, jumps=jumps, second=second, extent=extent)
 
 
 def cell_boundaries(idx: np.ndarray) -> np.ndarray:

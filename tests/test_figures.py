@@ -56,6 +56,19 @@ def test_two_cells_boundary_is_the_shifted_bisector():
   assert not raster.jumps[:, np.r_[0:11, 13:20]].any()
 
 
+def test_raster_singular_set_is_the_far_facet_only():
+  pot = _potential(*THREE)
+  raster = figures.cell_raster(pot, (-1.0, 1.0, -1.0, 1.0), resolution=20, angle_threshold=0.1)
+  pts = figures.grid_points((-1.0, 1.0, -1.0, 1.0), 20).reshape(20, 20, 2)
+  # Far facet: -2 x1 + 0.01 |x2| = 0 (x1 within 0.005 of 0), between columns 9 (x1 = -0.05) and 10.
+  expected = np.zeros((20, 20), bool)
+  expected[:, 9:11] = True
+  np.testing.assert_array_equal(raster.jumps, expected)
+  # The near facet x2 = 0 (x1 < 0) is a cell boundary, not a jump.
+  assert figures.cell_boundaries(raster.idx)[9, :9].all()
+  np.testing.assert_array_equal(raster.second[:, 10], np.where(pts[:, 10, 1] > 0, 1, 0))
+
+
 def test_jumps_on_a_line_across_a_far_facet():
   pot = _potential(*THREE)
   # Horizontal line x2 = 0.5, x1 = -1 .. 1 in steps of 0.1; the facet between codes 1 and 2 is
