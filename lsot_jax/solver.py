@@ -432,20 +432,19 @@ class BrenierSolver:
     growth: batch-size factor between stages.
     lr_decay: step-size factor between stages.
     window: steps per window; marginal errors are averaged over a window for the convergence test and the
-      stall test.
-    tol: stop when the L1 marginal error is below this: both the window-averaged histogram's error and the
-      current heights' per-step errors (mean over the window) must be consistent with ``tol`` given the
-      batch's sampling noise (mean batch error <= sqrt(tol^2 + floor^2), floor = :func:`noise_floor_l1`, 0 for
-      a full-support :class:`~lsot_jax.sources.DiscreteSource` batch, whose gradient is exact).
-      The second test stops an Adam oscillation whose swings cancel in the average from passing as
-      converged.
-    stall_ratio: a stage ends when a window's error is not below ``stall_ratio`` times the stage's best.
+      stall test. The rules are the pure functions of :mod:`lsot_jax.control`.
+    tol: stop when the L1 marginal error is below this (:func:`lsot_jax.control.is_converged`): the
+      window-averaged histogram's error and the mean per-step batch error must both be consistent with
+      ``tol`` given one batch's noise floor (:func:`sampling_floor`: 0 for a full-support
+      :class:`~lsot_jax.sources.DiscreteSource` batch, whose gradient is exact).
+    stall_ratio: a stage ends when a window's error is not below ``stall_ratio`` times the stage's best
+      (:func:`lsot_jax.control.is_stalled`).
     floor_factor: a stage also ends when a window's error is below ``floor_factor`` times its noise floor.
-    drift_threshold: Adam's direction consistency sum|m| / sum sqrt(v) (about 1 while the heights move
-      steadily one way, 0.2 or less for noise or oscillation) at or above which a window counts as drift:
-      it is never a stall, and it multiplies the step by ``1 / lr_decay`` (see ``lr_boost``). The score-gap
-      unit is right near the optimum but small when the start is far from it (a source and codes of
-      different spread): drift lets the step grow to the distance that has to be covered.
+    drift_threshold: Adam's direction consistency (:func:`lsot_jax.control.direction_consistency`, about 1
+      while the heights move steadily one way, 0.2 or less for noise or oscillation) at or above which a
+      window counts as drift: it is never a stall, and it multiplies the step by ``1 / lr_decay`` (see
+      ``lr_boost``). The score-gap unit is right near the optimum but small when the start is far from it
+      (a source and codes of different spread): drift lets the step grow to the distance to be covered.
     max_boost: cap of ``lr_boost``.
     initialisation: ``"voronoi"`` (h = -|y - m|^2 / 2 with m the weighted mean of the codes: the Voronoi
       diagram of the codes translated onto the source, so the start, like the OT map, is equivariant to a
@@ -463,6 +462,14 @@ class BrenierSolver:
       a flipped sample, and with the exact-max rule of ``"topk"`` one of three vmapped settings of
       tests/test_solver.py drifted 3e-3 from its one-by-one run after 15 steps. ``"topk"`` is ~1.6x faster
       on the CPU (:mod:`lsot_jax.kernels`).
+    callback: optional host function, called every ``callback_every`` steps from inside the jitted loop
+      (:func:`lsot_jax.control.report_progress`; it changes nothing that is computed) with a dict of Python
+      scalars: ``step`` (steps done), ``num_samples`` (the step's batch size), ``l1`` (its batch L1 marginal
+      error), ``energy`` (its energy estimate), ``stage`` and ``lr`` (the absolute step size used). Calls
+      are unordered: call ``jax.effects_barrier()`` before reading what it recorded. Under ``jax.vmap`` it
+      is called once per vmapped run whose step is due, each time with that run's scalars.
+    callback_every: steps between calls (>= 1); the steps counted are the run's, so a run in chunks reports
+      at the same steps as one call.
   """
 
   learning_rate: Any = 1.0
