@@ -19,7 +19,8 @@ gradient, takes an Adam step, and mean-centres h. The batch size grows geometric
 when the marginal error measured over a window of steps stops improving or reaches the sampling-noise floor
 of the batch, and each new stage also multiplies the step size by ``lr_decay``. The loop runs on device:
 each stage is a ``lax.while_loop`` with a static batch size, the histories are preallocated, and the run
-stops when the window-averaged L1 marginal error falls below ``tol``.
+stops when the window-averaged L1 marginal error falls below ``tol``. The step-control rules are the pure
+functions of :mod:`lsot_jax.control`.
 
 Conventions:
   * Heights are mean-centred (sum over cells with positive weight is zero).
