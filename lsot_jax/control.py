@@ -107,7 +107,8 @@ def is_converged(window_error: jax.Array, mean_batch_error: jax.Array, tol: floa
     window_error: scalar, :func:`window_error` of the window.
     mean_batch_error: scalar, the mean of the window's per-step batch L1 errors.
     tol: target L1 error.
-    floor: scalar, the noise floor of one batch (:func:`lsot_jax.solver.sampling_floor`; 0 for an exact batch).
+    floor: scalar, the noise floor of one batch (:func:`lsot_jax.solver.sampling_floor`; 0 for an exact
+      batch).
 
   Returns:
     Scalar bool array.

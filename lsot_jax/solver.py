@@ -232,17 +232,9 @@ def noise_floor_l1(weights: jax.Array, num_samples) -> jax.Array:
 
 
 def sampling_floor(weights: jax.Array, num_samples: int, exact: bool):
-  """Noise floor of the L1 error of ``num_samples`` samples: :func:`noise_floor_l1`, or 0 when the samples
-  give the exact histogram (``exact``, static: :func:`lsot_jax.control.is_exact_batch`).
-
-  Args:
-    weights: Array of shape [n], target weights.
-    num_samples: M.
-    exact: whether the samples are the whole discrete source, each point once.
-
-  Returns:
-    Scalar array, or the Python float 0.0 when ``exact``.
-  """
+  """Noise floor of the L1 error of ``num_samples`` samples: :func:`noise_floor_l1` (weights: Array of shape
+  [n]; a scalar array), or the Python float 0.0 when the samples give the exact histogram (static ``exact``:
+  :func:`lsot_jax.control.is_exact_batch`)."""
   return 0.0 if exact else noise_floor_l1(weights, num_samples)
 
 
@@ -463,14 +455,12 @@ class BrenierSolver:
       a flipped sample, and with the exact-max rule of ``"topk"`` one of three vmapped settings of
       tests/test_solver.py drifted 3e-3 from its one-by-one run after 15 steps. ``"topk"`` is ~1.6x faster
       on the CPU (:mod:`lsot_jax.kernels`).
-    callback: optional host function, called every ``callback_every`` steps from inside the jitted loop
-      (:func:`lsot_jax.control.report_progress`; it changes nothing that is computed) with a dict of Python
-      scalars: ``step`` (steps done), ``num_samples`` (the step's batch size), ``l1`` (its batch L1 marginal
-      error), ``energy`` (its energy estimate), ``stage`` and ``lr`` (the absolute step size used). Calls
-      are unordered: call ``jax.effects_barrier()`` before reading what it recorded. Under ``jax.vmap`` it
-      is called once per vmapped run whose step is due, each time with that run's scalars.
-    callback_every: steps between calls (>= 1); the steps counted are the run's, so a run in chunks reports
-      at the same steps as one call.
+    callback: optional host function called every ``callback_every`` steps from the jitted loop with a dict
+      of Python scalars: ``step`` (steps done), ``num_samples`` (the step's batch size), ``l1`` (its batch L1
+      error), ``energy`` (its energy estimate), ``stage`` and ``lr`` (the step size used). It changes nothing
+      computed; calls are unordered (``jax.effects_barrier()`` waits for them); under ``jax.vmap`` each run
+      reports its own scalars (:func:`lsot_jax.control.report_progress`).
+    callback_every: steps between calls (>= 1), counted over the run, so chunks report as one call.
   """
 
   learning_rate: Any = 1.0

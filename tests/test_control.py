@@ -179,7 +179,7 @@ def _reference(solver, rng, problem, num_steps):
       continue
     exact = isinstance(problem.source, sources.DiscreteSource) and batch == problem.source.num_points
     floor1 = 0.0 if exact else np.sqrt(2 / np.pi) * np.sqrt(nu64 * (1 - nu64) / batch).sum()
-    floor_w = 0.0 if exact else np.sqrt(2 / np.pi) * np.sqrt(nu64 * (1 - nu64) / (batch * solver.window)).sum()
+    floor_w = floor1 / np.sqrt(solver.window)  # the floor of window * batch samples
     err = np.abs(hist / solver.window - nu64).sum()
     converged = err < solver.tol and batch_errors / solver.window <= np.hypot(solver.tol, floor1)
     mu, v = np.asarray(opt_state.mu, np.float64), np.asarray(opt_state.nu, np.float64)

@@ -145,7 +145,7 @@ def check_solve_equals_single_device():
 
 
 def check_solve_with_callback_equals_single_device():
-  # The progress callback of the sharded Adam solver: same reports and heights as one device (n = 203, padded).
+  # The sharded Adam solver's progress callback: same reports and heights as one device (n = 203, padded).
   mesh = sharding.make_mesh(_NUM_DEVICES)
   y = 2.0 * jax.random.normal(jax.random.key(1), (203, 8))
   problem = solver_lib.make_problem(y, source=sources.Gaussian(dim=8))

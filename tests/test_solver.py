@@ -217,7 +217,7 @@ def test_converged_flag_means_small_true_marginal_error(np_rng):
   problem = solver_lib.make_problem(y, source=sources.Gaussian(dim=2))
   solver = solver_lib.BrenierSolver(num_iterations=2000)
   pot, state = _solve(solver, jax.random.key(0), problem)
-  assert bool(state.converged), f"no convergence claim in {int(state.it)} steps: the check below would not run"
+  assert bool(state.converged), f"no convergence claim in {int(state.it)} steps: nothing would be checked"
   num_eval = 2**21
   l1 = np.abs(_eval_masses(pot, problem.source, num_eval) - 1.0 / 400).sum()
   floor = _noise_floor(problem.weights, num_eval)
