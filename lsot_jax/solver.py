@@ -19,7 +19,8 @@ gradient, takes an Adam step, and mean-centres h. The batch size grows geometric
 when the marginal error measured over a window of steps stops improving or reaches the sampling-noise floor
 of the batch, and each new stage also multiplies the step size by ``lr_decay``. The loop runs on device:
 each stage is a ``lax.while_loop`` with a static batch size, the histories are preallocated, and the run
-stops when the window-averaged L1 marginal error falls below ``tol``.
+stops when the window-averaged L1 marginal error falls below ``tol``. The step-control rules are the pure
+functions of :mod:`lsot_jax.control`.
 
 Conventions:
   * Heights are mean-centred (sum over cells with positive weight is zero).
@@ -42,13 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lsot_jax import control
 from lsot_jax import kernels
 from lsot_jax import sources as sources_lib
 
@@ -62,6 +64,7 @@ __all__ = [
     "marginal_chi2",
     "masked_heights",
     "noise_floor_l1",
+    "sampling_floor",
     "score_gap",
     "voronoi_heights",
 ]
@@ -226,6 +229,13 @@ def noise_floor_l1(weights: jax.Array, num_samples) -> jax.Array:
   return jnp.sqrt(2.0 / jnp.pi) * jnp.sum(
       jnp.sqrt(weights * (1.0 - weights) / num_samples)
   )
+
+
+def sampling_floor(weights: jax.Array, num_samples: int, exact: bool):
+  """Noise floor of the L1 error of ``num_samples`` samples: :func:`noise_floor_l1` (weights: Array of shape
+  [n]; a scalar array), or the Python float 0.0 when the samples give the exact histogram (static ``exact``:
+  :func:`lsot_jax.control.is_exact_batch`)."""
+  return 0.0 if exact else noise_floor_l1(weights, num_samples)
 
 
 def marginal_chi2(counts: jax.Array, weights: jax.Array, num_samples) -> jax.Array:
@@ -415,20 +425,19 @@ class BrenierSolver:
     growth: batch-size factor between stages.
     lr_decay: step-size factor between stages.
     window: steps per window; marginal errors are averaged over a window for the convergence test and the
-      stall test.
-    tol: stop when the L1 marginal error is below this: both the window-averaged histogram's error and the
-      current heights' per-step errors (mean over the window) must be consistent with ``tol`` given the
-      batch's sampling noise (mean batch error <= sqrt(tol^2 + floor^2), floor = :func:`noise_floor_l1`, 0 for
-      a full-support :class:`~lsot_jax.sources.DiscreteSource` batch, whose gradient is exact).
-      The second test stops an Adam oscillation whose swings cancel in the average from passing as
-      converged.
-    stall_ratio: a stage ends when a window's error is not below ``stall_ratio`` times the stage's best.
+      stall test. The rules are the pure functions of :mod:`lsot_jax.control`.
+    tol: stop when the L1 marginal error is below this (:func:`lsot_jax.control.is_converged`): the
+      window-averaged histogram's error and the mean per-step batch error must both be consistent with
+      ``tol`` given one batch's noise floor (:func:`sampling_floor`: 0 for a full-support
+      :class:`~lsot_jax.sources.DiscreteSource` batch, whose gradient is exact).
+    stall_ratio: a stage ends when a window's error is not below ``stall_ratio`` times the stage's best
+      (:func:`lsot_jax.control.is_stalled`).
     floor_factor: a stage also ends when a window's error is below ``floor_factor`` times its noise floor.
-    drift_threshold: Adam's direction consistency sum|m| / sum sqrt(v) (about 1 while the heights move
-      steadily one way, 0.2 or less for noise or oscillation) at or above which a window counts as drift:
-      it is never a stall, and it multiplies the step by ``1 / lr_decay`` (see ``lr_boost``). The score-gap
-      unit is right near the optimum but small when the start is far from it (a source and codes of
-      different spread): drift lets the step grow to the distance that has to be covered.
+    drift_threshold: Adam's direction consistency (:func:`lsot_jax.control.direction_consistency`, about 1
+      while the heights move steadily one way, 0.2 or less for noise or oscillation) at or above which a
+      window counts as drift: it is never a stall, and it multiplies the step by ``1 / lr_decay`` (see
+      ``lr_boost``). The score-gap unit is right near the optimum but small when the start is far from it
+      (a source and codes of different spread): drift lets the step grow to the distance to be covered.
     max_boost: cap of ``lr_boost``.
     initialisation: ``"voronoi"`` (h = -|y - m|^2 / 2 with m the weighted mean of the codes: the Voronoi
       diagram of the codes translated onto the source, so the start, like the OT map, is equivariant to a
@@ -446,6 +455,12 @@ class BrenierSolver:
       a flipped sample, and with the exact-max rule of ``"topk"`` one of three vmapped settings of
       tests/test_solver.py drifted 3e-3 from its one-by-one run after 15 steps. ``"topk"`` is ~1.6x faster
       on the CPU (:mod:`lsot_jax.kernels`).
+    callback: optional host function called every ``callback_every`` steps from the jitted loop with a dict
+      of Python scalars: ``step`` (steps done), ``num_samples`` (the step's batch size), ``l1`` (its batch L1
+      error), ``energy`` (its energy estimate), ``stage`` and ``lr`` (the step size used). It changes nothing
+      computed; calls are unordered (``jax.effects_barrier()`` waits for them); under ``jax.vmap`` each run
+      reports its own scalars (:func:`lsot_jax.control.report_progress`).
+    callback_every: steps between calls (>= 1), counted over the run, so chunks report as one call.
   """
 
   learning_rate: Any = 1.0
@@ -467,6 +482,10 @@ class BrenierSolver:
   tile_size: int = dataclasses.field(default=8192, metadata=dict(static=True))
   row_chunk: int = dataclasses.field(default=4096, metadata=dict(static=True))
   method: str = dataclasses.field(default="fused", metadata=dict(static=True))
+  callback: Optional[Callable[[Dict[str, Any]], None]] = dataclasses.field(
+      default=None, metadata=dict(static=True)
+  )
+  callback_every: int = dataclasses.field(default=10, metadata=dict(static=True))
 
   def __post_init__(self):
     if self.initialisation not in ("voronoi", "zero"):
@@ -479,6 +498,10 @@ class BrenierSolver:
       raise ValueError(f"growth must be an integer >= 2; got {self.growth}.")
     if self.window < 1 or self.num_iterations < 1:
       raise ValueError("window and num_iterations must be positive.")
+    if self.callback is not None and not callable(self.callback):
+      raise ValueError(f"callback must be a function taking a dict, or None; got {self.callback!r}.")
+    if not isinstance(self.callback_every, int) or self.callback_every < 1:
+      raise ValueError(f"callback_every must be an integer >= 1; got {self.callback_every!r}.")
 
   @property
   def batch_schedule(self) -> Tuple[int, ...]:
@@ -562,52 +585,45 @@ class BrenierSolver:
     batch_error = jnp.sum(jnp.abs(grad))
 
     updates, opt_state = self._optimizer().update(grad, state.opt_state)
-    lr = self.learning_rate * (self.lr_decay**stage) * state.lr_boost * problem.scale
+    lr = control.stage_learning_rate(
+        self.learning_rate, self.lr_decay, stage, state.lr_boost, problem.scale
+    )
     h_new = centre(state.h - lr * updates, nu)
-
     finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(h_new))
-    window_hist = state.window_hist + w
+
+    window_hist, window_batch_error = control.window_update(
+        state.window_hist, state.window_batch_error, w, batch_error
+    )
     end_of_window = (it + 1) % self.window == 0
-    window_error = jnp.sum(jnp.abs(window_hist / self.window - nu))
+    window_error = control.window_error(window_hist, nu, self.window)
     window_index = jnp.minimum(it // self.window, state.window_errors.shape[0] - 1)
     window_errors = jnp.where(
         end_of_window, state.window_errors.at[window_index].set(window_error), state.window_errors
     )
-    window_batch_error = state.window_batch_error + batch_error
-    exact_batch = (
-        isinstance(problem.source, sources_lib.DiscreteSource)
-        and batch == problem.source.num_points
+    exact = control.is_exact_batch(problem.source, batch)
+    converged = end_of_window & control.is_converged(
+        window_error, window_batch_error / self.window, self.tol, sampling_floor(nu, batch, exact)
     )
-    step_floor = 0.0 if exact_batch else noise_floor_l1(nu, batch)
-    per_step_ok = window_batch_error / self.window <= jnp.sqrt(self.tol**2 + step_floor**2)
-    converged = end_of_window & (window_error < self.tol) & per_step_ok
-    floor = 0.0 if exact_batch else noise_floor_l1(nu, batch * self.window)
-    # Adam's direction consistency: sum |m| / sum sqrt(v) is ~1 while the heights move steadily one way
-    # (e.g. empty cells rising towards the source: the marginal error stays flat, yet progress is made)
-    # and ~0.2 or less when the gradients are noise or oscillate around the optimum.
-    consistency = jnp.sum(jnp.abs(opt_state.mu)) / jnp.maximum(jnp.sum(jnp.sqrt(opt_state.nu)), 1e-30)
-    drifting = consistency >= self.drift_threshold
-    stalled = (
-        (window_error >= self.stall_ratio * state.best_window_error) & ~drifting
-    ) | (window_error < self.floor_factor * floor)
-    next_stage = end_of_window & stalled & (not last_stage)
-    best_window_error = jnp.where(
-        end_of_window,
-        jnp.where(next_stage, jnp.inf, jnp.minimum(state.best_window_error, window_error)),
-        state.best_window_error,
+    drifting = control.is_drifting(
+        control.direction_consistency(opt_state.mu, opt_state.nu), self.drift_threshold
     )
+    stalled = control.is_stalled(
+        window_error, state.best_window_error, sampling_floor(nu, batch * self.window, exact),
+        stall_ratio=self.stall_ratio, floor_factor=self.floor_factor, drifting=drifting,
+    )
+    advanced = control.next_stage(end_of_window, stalled, last_stage)
     return SolverState(
         it=it + 1,
-        stage=state.stage + next_stage.astype(jnp.int32),
+        stage=state.stage + advanced.astype(jnp.int32),
         h=jnp.where(finite, h_new, state.h),
         opt_state=jax.tree.map(lambda a, b: jnp.where(finite, a, b), opt_state, state.opt_state),
         window_hist=jnp.where(end_of_window, jnp.zeros_like(window_hist), window_hist),
         window_batch_error=jnp.where(end_of_window, 0.0, window_batch_error),
-        best_window_error=best_window_error,
-        lr_boost=jnp.where(
-            end_of_window & drifting & ~next_stage,
-            jnp.minimum(state.lr_boost / self.lr_decay, self.max_boost),
-            state.lr_boost,
+        best_window_error=control.best_window_error_update(
+            state.best_window_error, window_error, end_of_window, advanced
+        ),
+        lr_boost=control.lr_boost_update(
+            state.lr_boost, end_of_window, drifting, advanced, self.lr_decay, self.max_boost
         ),
         converged=converged,
         diverged=~finite,
@@ -649,7 +665,13 @@ class BrenierSolver:
         return (s.stage == stage) & (s.it < end) & ~s.converged & ~s.diverged
 
       def body(s, stage=stage, batch=batch, last=last):
-        return self._step(rng, problem, s, batch, stage, last)
+        new = self._step(rng, problem, s, batch, stage, last)
+        control.report_progress(self.callback, self.callback_every, new.it, cond(s), dict(
+            step=new.it, num_samples=jnp.asarray(batch, jnp.int32), l1=new.errors[s.it],
+            energy=new.losses[s.it], stage=s.stage, lr=control.stage_learning_rate(
+                self.learning_rate, self.lr_decay, stage, s.lr_boost, problem.scale),
+        ))
+        return new
 
       state = jax.lax.while_loop(cond, body, state)
     return state

@@ -32,6 +32,9 @@ def run_child(script: str, num_devices: int) -> Dict[str, str]:
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+  # The checkout that holds ``script`` (its parent's parent) first, not an installed copy of lsot_jax.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+  env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   proc = subprocess.run([sys.executable, os.path.abspath(script)], env=env, capture_output=True, text=True,
                         timeout=600, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith(_PREFIX)]

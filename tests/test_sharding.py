@@ -144,6 +144,30 @@ def check_solve_equals_single_device():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+def check_solve_with_callback_equals_single_device():
+  # The sharded Adam solver's progress callback: same reports and heights as one device (n = 203, padded).
+  mesh = sharding.make_mesh(_NUM_DEVICES)
+  y = 2.0 * jax.random.normal(jax.random.key(1), (203, 8))
+  problem = solver_lib.make_problem(y, source=sources.Gaussian(dim=8))
+  calls = {0: [], 1: []}
+  runs = []
+  for i in (0, 1):
+    solver = solver_lib.BrenierSolver(num_iterations=40, batch_size=1024, max_batch_size=4096, window=5,
+                                      callback=calls[i].append, callback_every=5)
+    runs.append(jax.jit(solver)(jax.random.key(3), problem) if i == 0
+                else sharding.solve_sharded(jax.random.key(3), problem, solver, mesh))
+  jax.effects_barrier()
+  (pot0, st0), (pot1, st1) = runs
+  np.testing.assert_allclose(np.asarray(pot1.h), np.asarray(pot0.h), atol=1e-4)
+  one, sharded = (sorted(calls[i], key=lambda c: c["step"]) for i in (0, 1))
+  assert [c["step"] for c in one] == [c["step"] for c in sharded] == list(range(5, 41, 5)), sharded
+  for a, b in zip(one, sharded):
+    assert a["num_samples"] == b["num_samples"] and a["stage"] == b["stage"], (a, b)
+    np.testing.assert_allclose([b["l1"], b["energy"], b["lr"]], [a["l1"], a["energy"], a["lr"]],
+                               rtol=1e-5, atol=1e-5)
+    assert b["l1"] == float(st1.errors[b["step"] - 1])
+
+
 def check_solve_with_weights_and_h_init():
   # Non-uniform weights with a zero, duplicates merged, an initial h: the masked cells stay empty.
   mesh = sharding.make_mesh(_NUM_DEVICES)
@@ -242,6 +266,7 @@ _CHILD_CHECKS = (
     check_cell_masses_sharded_like_h,
     check_assign_equals_single_device_any_tiling,
     check_solve_equals_single_device,
+    check_solve_with_callback_equals_single_device,
     check_solve_with_weights_and_h_init,
     check_top_k_matches_reference,
     check_newton_solve_equals_single_device,
