@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 
-
 def h_to_g(h: jax.Array, y: jax.Array) -> jax.Array:
   """ott-jax dual vector from lsot_jax heights: g = 2 h + |y|^2.
 

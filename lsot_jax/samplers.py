@@ -24,6 +24,17 @@ from lsot_jax import train
 
 __all__ = ["SAMPLERS", "Sampler", "SamplerInputs", "lsot_generate_kwargs"]
 
+# Each draw function is jitted once, here: the fitted parameters and codes are arguments; the method, the
+# source, the number of samples and the LSOT settings (Python floats) are static.
+_GENERATE = jax.jit(generate.generate, static_argnums=(0, 2, 5),
+                    static_argnames=("angle_threshold", "temperature"))
+_GAUSSIAN = jax.jit(baselines.sample_gaussian, static_argnums=2)
+_GMM = jax.jit(baselines.sample_gmm, static_argnums=2)
+_SINKHORN = jax.jit(baselines.sample_sinkhorn_map, static_argnums=2)
+_WGAN_GP = jax.jit(baselines.sample_wgan_gp, static_argnums=2)
+_NORMAL = jax.jit(jax.random.normal, static_argnums=1)
+_OTT_SOLVE = jax.jit(ott_interop.ott_semidiscrete_solve, static_argnames=("num_iterations", "batch_size"))
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerInputs:
@@ -96,24 +107,22 @@ def _lsot(method: str) -> Callable[[SamplerInputs], Sampler]:
     potential, source = inp.fit.potential, inp.fit.problem.source
     kwargs = lsot_generate_kwargs(inp.config, method, potential, source)
     num = int(inp.config.sample.num_samples)
-    draw = jax.jit(lambda key, y, h: generate.generate(method, key, source, y, h, num, **kwargs))
-    return Sampler(lambda key: draw(key, potential.y, potential.h), dict(kwargs))
+    return Sampler(lambda key: _GENERATE(method, key, source, potential.y, potential.h, num, **kwargs),
+                   dict(kwargs))
   return build
 
 
 def _gaussian(inp: SamplerInputs) -> Sampler:
   params = baselines.fit_gaussian(np.asarray(inp.fit.problem.y))
   num = int(inp.config.sample.num_samples)
-  draw = jax.jit(lambda key, p: baselines.sample_gaussian(p, key, num))
-  return Sampler(lambda key: draw(key, params), {})
+  return Sampler(lambda key: _GAUSSIAN(params, key, num), {})
 
 
 def _gmm(inp: SamplerInputs) -> Sampler:
   sm = inp.config.sample
   params = baselines.fit_gmm(np.asarray(inp.fit.problem.y), int(sm.gmm_components), seed=int(inp.config.seed))
   num = int(sm.num_samples)
-  draw = jax.jit(lambda key, p: baselines.sample_gmm(p, key, num))
-  return Sampler(lambda key: draw(key, params), {})
+  return Sampler(lambda key: _GMM(params, key, num), {})
 
 
 def _sinkhorn(inp: SamplerInputs) -> Sampler:
@@ -122,8 +131,7 @@ def _sinkhorn(inp: SamplerInputs) -> Sampler:
                                       max_codes=int(sm.sinkhorn_max_codes))
   info = {"epsilon": float(params["epsilon"]), "converged": bool(params["converged"])}
   num = int(sm.num_samples)
-  draw = jax.jit(lambda key, p: baselines.sample_sinkhorn_map(p, key, num))
-  return Sampler(lambda key: draw(key, params), info)
+  return Sampler(lambda key: _SINKHORN(params, key, num), info)
 
 
 def _wgan_gp(inp: SamplerInputs) -> Sampler:
@@ -131,23 +139,19 @@ def _wgan_gp(inp: SamplerInputs) -> Sampler:
   params = baselines.train_wgan_gp(inp.fit_key, np.asarray(inp.fit.problem.y), int(sm.wgan_steps),
                                    batch_size=int(sm.wgan_batch_size), learning_rate=float(sm.wgan_learning_rate))
   num = int(sm.num_samples)
-  draw = jax.jit(lambda key, p: baselines.sample_wgan_gp(p, key, num))
-  return Sampler(lambda key: draw(key, params), {})
+  return Sampler(lambda key: _WGAN_GP(params, key, num), {})
 
 
 def _ott_semidiscrete(inp: SamplerInputs) -> Sampler:
   ot, problem, potential = inp.config.ot, inp.fit.problem, inp.fit.potential
-  solve = jax.jit(lambda key: ott_interop.ott_semidiscrete_solve(
-      key, problem, num_iterations=int(ot.num_iterations), batch_size=int(ot.batch_size),
-      learning_rate=2.0 * problem.scale * float(ot.learning_rate))[0].h)
-  h_ott = solve(inp.fit_key)
+  h_ott = _OTT_SOLVE(inp.fit_key, problem, num_iterations=int(ot.num_iterations), batch_size=int(ot.batch_size),
+                     learning_rate=2.0 * problem.scale * float(ot.learning_rate))[0].h
   errs = stage_ot.marginal_errors(dataclasses.replace(potential, h=h_ott),
                                   config_lib.config_key(inp.config, config_lib.SALT_MARGINAL), problem.source,
                                   problem.weights, num_samples=int(ot.marginal_samples))
   info = {"marginal_l1": float(errs["l1"]), "marginal_noise_floor": float(errs["noise_floor"])}
   source, num = problem.source, int(inp.config.sample.num_samples)
-  draw = jax.jit(lambda key, y, h: generate.generate("exact", key, source, y, h, num))
-  return Sampler(lambda key: draw(key, potential.y, h_ott), info)
+  return Sampler(lambda key: _GENERATE("exact", key, source, potential.y, h_ott, num), info)
 
 
 def _vae(inp: SamplerInputs) -> Sampler:
@@ -158,8 +162,7 @@ def _vae(inp: SamplerInputs) -> Sampler:
       config_lib.ae_train_config(config, config.sample.vae_epochs), beta=float(config.sample.vae_beta),
       log_path=inp.vae_log, progress=False)
   num, dim = int(config.sample.num_samples), int(config.ae.latent_dim)
-  draw = jax.jit(lambda key: jax.random.normal(key, (num, dim)))
-  return Sampler(draw, {}, artifacts.Autoencoder(graphdef, params))
+  return Sampler(lambda key: _NORMAL(key, (num, dim)), {}, artifacts.Autoencoder(graphdef, params))
 
 
 SAMPLERS: Dict[str, Callable[[SamplerInputs], Sampler]] = {

@@ -80,12 +80,13 @@ def _check_scan_specs(config: ml_collections.ConfigDict,
         (f, list(v)) for f, v in specs]
   except ValueError as e:
     raise config_lib.PipelineError(f"Bad --scan: {e}") from e
+  scan_fields = config_lib.SCAN_FIELDS
   for field, _ in parsed:
-    if field not in config_lib.SCAN_FIELDS:
+    if field not in scan_fields:
       raise config_lib.PipelineError(
           f"Cannot scan {field!r}: --scan varies 'seed', the OT solver's fields "
-          f"{', '.join(f for f in config_lib.SCAN_FIELDS if f.startswith('ot.'))} and the autoencoder's training fields "
-          f"{', '.join(f for f in config_lib.SCAN_FIELDS if f.startswith('ae.'))}. Other fields (the architecture, e.g. "
+          f"{', '.join(f for f in scan_fields if f.startswith('ot.'))} and the autoencoder's training fields "
+          f"{', '.join(f for f in scan_fields if f.startswith('ae.'))}. Other fields (the architecture, e.g. "
           "ae.latent_dim, the data, the codes (ot.num_codes, ot.source), sampling or evaluation) change the "
           "shapes or other stages: run one workdir per value.")
   ae_scan = _is_ae_scan(parsed)
@@ -102,7 +103,8 @@ def _check_scan_specs(config: ml_collections.ConfigDict,
       try:
         _set_scan_field(trial, field, value)
       except (TypeError, ValueError) as e:
-        raise config_lib.PipelineError(f"--scan {field}: value {value!r} has the wrong type for this field ({e}).") from e
+        raise config_lib.PipelineError(
+            f"--scan {field}: value {value!r} has the wrong type for this field ({e}).") from e
     try:
       config_lib.validate_config(trial)
       if ae_scan:

@@ -153,8 +153,11 @@ def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: ar
     run_problem = sharding.shard_problem(problem, mesh)
     run_solver = sharding.make_sharded_solver(solver, mesh)
     size = run_problem.num_targets
-    to_device = lambda s: sharding.place_state(sharding.pad_state(s, size), mesh)  # pylint: disable=unnecessary-lambda-assignment
-    from_device = lambda s: sharding.replicate(mesh, sharding.unpad_state(s, n))  # pylint: disable=unnecessary-lambda-assignment
+    def to_device(s):
+      return sharding.place_state(sharding.pad_state(s, size), mesh)
+
+    def from_device(s):
+      return sharding.replicate(mesh, sharding.unpad_state(s, n))
     log(f"ot: {n} codes sharded over {mesh.size} devices ({size // mesh.size} per device)")
   # A Newton step is a whole pass over a stage sample: checkpoint after every step.
   chunk = 1 if isinstance(solver, newton_lib.NewtonSolver) else int(config.ot.checkpoint_every)

@@ -160,7 +160,7 @@ def test_image_end_to_end_on_mock_tfds(image_run):
   for row in metrics["methods"].values():
     for name in ("frechet", "precision", "recall", "density", "coverage", "sinkhorn", "memorisation_rate"):
       assert name in row
-  for rel in ("ae/recon.png", "samples/exact.png", "samples/vae.png", "samples/exact_nn.png", "report.html"):
+  for rel in ("ae/recon.png", "samples/exact.png", "samples/vae.png", "eval/exact_nn.png", "report.html"):
     assert (image_run / rel).is_file(), rel
 
 
