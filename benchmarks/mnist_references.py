@@ -28,10 +28,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lsot_jax import evaluator  # pylint: disable=wrong-import-position
 from lsot_jax import generate  # pylint: disable=wrong-import-position
-from lsot_jax import models  # pylint: disable=wrong-import-position
 from lsot_jax import pipeline  # pylint: disable=wrong-import-position
-from lsot_jax import train  # pylint: disable=wrong-import-position
+from lsot_jax import runs  # pylint: disable=wrong-import-position
+from lsot_jax import stages  # pylint: disable=wrong-import-position
+from lsot_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 _NAMES = ("frechet", "prdc", "memorisation")
 _NUM = 10000
@@ -47,13 +49,15 @@ def main() -> None:
   config = runpy.run_path(args.config)["get_config"]()
   workdir = pathlib.Path(os.path.abspath(args.workdir))
   potential = pipeline.load_potential(config, workdir)
-  # The pipeline's own pieces, so the figures are those of the run's evaluation stage.
-  r = pipeline._Run(config, workdir, print)  # pylint: disable=protected-access
-  features, accuracy = pipeline._classifier(r)  # pylint: disable=protected-access
-  decode = r.decoder("ae")
-  train_x, test_x = r.dataset("train").x, r.dataset("test").x
+  # The pipeline's own pieces (restored, not retrained), so the figures are those of the run's eval stage.
+  run = runs.load_run(workdir, config=config)
+  ctx = stages.Context(config, workdir_lib.Workdir(workdir), print)
+  features, accuracy = evaluator.classifier_features(config, ctx.dataset("train"), ctx.dataset("test"),
+                                                     workdir / "eval" / "classifier")
+  decode = run.decode
+  train_x, test_x = ctx.dataset("train").x, ctx.dataset("test").x
   train_feats = features(train_x)
-  evaluate = pipeline._metric_evaluator(  # pylint: disable=protected-access
+  evaluate = evaluator.metric_evaluator(
       _NAMES, features(test_x), train_feats, means=None, std=None, k=int(config.eval.k),
       sinkhorn_points=int(config.eval.sinkhorn_points),
       memorisation_points=int(config.eval.memorisation_points))
@@ -66,10 +70,7 @@ def main() -> None:
 
   subset = np.sort(np.random.default_rng(0).choice(train_x.shape[0], _NUM, replace=False))
   add("real train", train_x[subset])
-  graphdef, params = r.autoencoder()
-  encode = jax.jit(lambda x: models.encode(graphdef, params, x))
-  codes = train.batched_apply(encode, train_x[subset], batch_size=1024)
-  add("reconstructions", decode(codes))
+  add("reconstructions", decode(run.encode(train_x[subset])))
 
   y, h = potential.y, potential.h
   z = jax.random.normal(key, (_NUM, y.shape[1]))

@@ -23,12 +23,12 @@ Command:
 Expected runtime: not measured (no CelebA copy and no accelerator on the build machine); the smoke variant
 runs in a few minutes on a CPU. Expected metrics: not measured yet.
 """
-from lsot_jax import pipeline
+from lsot_jax import config as config_lib
 
 
 def get_config(arg=None):
   """The CelebA config; ``arg="smoke"`` (or ``"runlocal"``) shrinks it to a CPU-sized plumbing check."""
-  config = pipeline.default_config()
+  config = config_lib.default_config()
   config.data.name = "celeb_a"
   config.data.num_train = 0
   config.data.num_test = 10000

@@ -9,12 +9,12 @@ Command:
 
 Expected runtime (2-core CPU): a few minutes. Expected metrics: not measured yet.
 """
-from lsot_jax import pipeline
+from lsot_jax import config as config_lib
 
 
 def get_config(arg=None):
   """The digits config; ``arg="smoke"`` (or ``"runlocal"``) shrinks everything."""
-  config = pipeline.default_config()
+  config = config_lib.default_config()
   config.data.name = "digits"
   config.data.num_train = 0
   config.data.num_test = 0

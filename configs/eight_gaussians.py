@@ -15,12 +15,12 @@ Expected runtime (2-core CPU): full ~3 minutes alone, 5.5 measured while other j
 Expected metrics (full): see the README table; LSOT exact and extended capture 8/8 modes in every seed with
 >= 98 % high-quality samples; the Gaussian and Sinkhorn-map baselines put mass between the modes.
 """
-from lsot_jax import pipeline
+from lsot_jax import config as config_lib
 
 
 def get_config(arg=None):
   """The ring config; ``arg="smoke"`` (or ``"runlocal"``) shrinks everything to seconds."""
-  config = pipeline.default_config()
+  config = config_lib.default_config()
   config.data.name = "ring"
   config.data.num_train = 2000
   config.data.num_test = 2500

@@ -44,12 +44,12 @@ Expected metrics (mean over 3 sampling seeds, measured; classifier test accuracy
   AE + WGAN-GP       5.04     0.904    0.780    0.900    0.856     41.5      0.455
   VAE               86.0      0.845    0.610    0.548    0.264    120.5      0.039
 """
-from lsot_jax import pipeline
+from lsot_jax import config as config_lib
 
 
 def get_config(arg=None):
   """The MNIST config; ``arg="smoke"`` (or ``"runlocal"``) shrinks everything to about a minute."""
-  config = pipeline.default_config()
+  config = config_lib.default_config()
   config.data.name = "mnist"
   config.data.num_train = 0
   config.data.num_test = 0

@@ -21,7 +21,7 @@ import os
 import pathlib
 import tempfile
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 __all__ = [
     "CheckpointError",
     "StageCheckpointer",
+    "atomic_write_json",
     "tree_checksum",
 ]
 
@@ -60,11 +61,20 @@ def tree_checksum(tree: Any) -> str:
   return digest.hexdigest()
 
 
-def _atomic_write_json(path: pathlib.Path, payload: Dict[str, Any]) -> None:
+def atomic_write_json(path: pathlib.Path, payload: Any, *, sort_keys: bool = True,
+                      default: Optional[Callable[[Any], Any]] = None) -> None:
+  """Writes ``payload`` as JSON to ``path`` atomically (a temporary file, fsynced, then renamed).
+
+  Args:
+    path: the file; its folder must exist.
+    payload: JSON-serialisable data.
+    sort_keys: sort the keys of dicts.
+    default: ``json.dump``'s hook for objects it cannot serialise (e.g. arrays).
+  """
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=1, sort_keys=True)
+      json.dump(payload, f, indent=1, sort_keys=sort_keys, default=default)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -172,6 +182,22 @@ class StageCheckpointer:
       raise CheckpointError(f"step {step} state does not match its checksum")
     return state, meta
 
+  def meta(self, step: int) -> Dict[str, Any]:
+    """The JSON meta saved with ``step`` (without restoring the state, and without the checksum key).
+
+    Raises:
+      CheckpointError: the step is missing or its meta is unreadable.
+    """
+    if int(step) not in self.all_steps():
+      raise CheckpointError(f"Step {step} not found in {self._dir}.")
+    try:
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"The meta of step {step} in {self._dir} is unreadable: {e}") from e
+    meta = dict(restored["meta"])
+    meta.pop(_CHECKSUM_KEY, None)
+    return meta
+
   def restore(self, target: Any, step: Optional[int] = None) -> Tuple[int, Any, Dict[str, Any]]:
     """Restores the latest valid step (or exactly ``step``).
 
@@ -231,7 +257,7 @@ class StageCheckpointer:
     """Writes the completion marker for an existing step (atomically)."""
     if int(step) not in self.all_steps():
       raise ValueError(f"Cannot mark step {step} complete: it is not in {self._dir}.")
-    _atomic_write_json(self._dir / _MARKER, {"step": int(step), "meta": dict(meta or {})})
+    atomic_write_json(self._dir / _MARKER, {"step": int(step), "meta": dict(meta or {})})
 
   def clear_complete(self) -> None:
     """Removes the completion marker, if any (e.g. before training a stage further)."""

@@ -7,14 +7,14 @@ explicit keyword arguments; none of them sees a config. The JAX metrics
 jitted by the caller (integer arguments such as ``k``, ``chunk_size`` and
 ``num_projections`` must then be static). :func:`mode_coverage` and
 :func:`frechet_distance` run in NumPy (the latter in float64) and return Python
-numbers. :func:`compute_metrics` dispatches by name and returns a flat dict of
-Python floats for reports.
+numbers. The metric set of a run (names ->
+values, each metric jitted once) is :func:`lsot_jax.evaluator.metric_evaluator`.
 
 Nearest-neighbour metrics never build the full ``[N, M]`` distance matrix:
 rows are processed ``chunk_size`` at a time with :func:`jax.lax.map`, so memory
 is ``O(chunk_size * N)``.
 """
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,6 @@ from ott.tools import sinkhorn_divergence as ott_sinkhorn_divergence
 
 __all__ = [
     "METRIC_NAMES",
-    "compute_metrics",
     "default_sinkhorn_epsilon",
     "frechet_distance",
     "memorisation_rate",
@@ -462,97 +461,3 @@ def memorisation_rate(
       nearest_distance=distance,
       heldout_distance=heldout_distance,
   )
-
-
-def compute_metrics(
-    names: Iterable[str],
-    fake: Any,
-    real: Optional[Any] = None,
-    *,
-    train: Optional[Any] = None,
-    means: Optional[Any] = None,
-    std: Optional[float] = None,
-    key: Optional[jax.Array] = None,
-    k: int = 5,
-    epsilon: Optional[float] = None,
-    num_projections: int = 128,
-    chunk_size: int = 1024,
-) -> Dict[str, float]:
-  """Computes several metrics by name; returns a flat dict of Python floats.
-
-  Names and the inputs they need (``fake`` is always needed):
-
-  - ``mode_coverage``: ``means``, ``std`` -> ``modes``, ``high_quality``,
-    ``reverse_kl``;
-  - ``frechet``: ``real`` -> ``frechet``;
-  - ``prdc``: ``real``, ``k`` -> ``precision``, ``recall``, ``density``,
-    ``coverage``;
-  - ``sinkhorn``: ``real``, ``epsilon`` -> ``sinkhorn``;
-  - ``sliced_wasserstein``: ``real``, ``key`` -> ``sliced_wasserstein``;
-  - ``memorisation``: ``train`` and ``real`` (held-out) ->
-    ``memorisation_rate``, ``memorisation_threshold``.
-
-  Args:
-    names: metric names, a subset of :data:`METRIC_NAMES`.
-    fake: Array of shape [M, F], generated points or features.
-    real: Array of shape [N, F], held-out real points or features.
-    train: Array of shape [T, F], training points or features.
-    means: Array of shape [K, F], mixture means for ``mode_coverage``.
-    std: mixture standard deviation for ``mode_coverage``.
-    key: PRNG key for ``sliced_wasserstein``.
-    k: neighbours for ``prdc``.
-    epsilon: Sinkhorn regularisation (``None``: data-relative default).
-    num_projections: directions for ``sliced_wasserstein``.
-    chunk_size: rows per chunk for nearest-neighbour metrics.
-
-  Returns:
-    A dict from result name to float.
-
-  This is the host-level entry point for reports: it jits each JAX metric
-  (the metric functions themselves leave jitting to the caller).
-  """
-  if isinstance(names, str):
-    names = [names]
-  names = list(names)
-  unknown = [n for n in names if n not in METRIC_NAMES]
-  if unknown:
-    raise ValueError(f"Unknown metric name(s) {unknown}; valid names are "
-                     f"{list(METRIC_NAMES)}.")
-
-  def need(metric: str, **inputs: Any) -> None:
-    missing = [n for n, v in inputs.items() if v is None]
-    if missing:
-      raise ValueError(f"Metric {metric!r} needs argument(s) {missing}.")
-
-  out: Dict[str, float] = {}
-  for name in names:
-    if name == "mode_coverage":
-      need(name, means=means, std=std)
-      res = mode_coverage(fake, means, std)
-      out.update(modes=float(res["modes"]), high_quality=res["high_quality"],
-                 reverse_kl=res["reverse_kl"])
-    elif name == "frechet":
-      need(name, real=real)
-      out["frechet"] = frechet_distance(fake, real)
-    elif name == "prdc":
-      need(name, real=real)
-      res = jax.jit(precision_recall_density_coverage,
-                    static_argnames=("k", "chunk_size"))(
-                        real, fake, k=k, chunk_size=chunk_size)
-      out.update({n: float(v) for n, v in res.items()})
-    elif name == "sinkhorn":
-      need(name, real=real)
-      out["sinkhorn"] = float(jax.jit(sinkhorn_divergence)(fake, real,
-                                                           epsilon))
-    elif name == "sliced_wasserstein":
-      need(name, real=real, key=key)
-      out["sliced_wasserstein"] = float(
-          jax.jit(sliced_wasserstein, static_argnums=3)(
-              fake, real, key, num_projections))
-    else:
-      need(name, real=real, train=train)
-      res = jax.jit(memorisation_rate, static_argnames=("chunk_size",))(
-          fake, train, real, chunk_size=chunk_size)
-      out["memorisation_rate"] = float(res["rate"])
-      out["memorisation_threshold"] = float(res["threshold"])
-  return out

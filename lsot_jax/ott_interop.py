@@ -41,6 +41,7 @@ from ott.problems.linear import potentials
 from ott.problems.linear import semidiscrete_linear_problem
 from ott.solvers.linear import semidiscrete
 
+from lsot_jax import kernels
 from lsot_jax import solver as solver_lib
 
 __all__ = [
@@ -54,8 +55,6 @@ __all__ = [
     "to_ott_output",
     "to_ott_problem",
 ]
-
-_MASKED_HEIGHT = -1e30
 
 
 def h_to_g(h: jax.Array, y: jax.Array) -> jax.Array:
@@ -159,7 +158,7 @@ def from_ott_output(
   if centre:
     mean = jnp.sum(jnp.where(active, h, 0.0)) / jnp.maximum(jnp.sum(active), 1)
     h = h - mean
-  h = jnp.where(active, h, _MASKED_HEIGHT)
+  h = jnp.where(active, h, kernels.MASKED_HEIGHT)
   return solver_lib.BrenierPotential(y=y, h=h, **potential_kwargs)
 
 

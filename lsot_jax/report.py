@@ -8,7 +8,8 @@ Plot helpers write PNG files (matplotlib with the Agg backend, or PIL for image 
 * :func:`plot_convergence`: the OT solver's marginal error and energy per step.
 
 :func:`write_report` reads what the pipeline left in a workdir (``metrics.json``, ``ot/history.json``,
-``ot/convergence.png``, ``ae/recon.png``, ``samples/*.png``) and writes the two report files next to it.
+``ot/convergence.png``, ``ae/recon.png``, ``samples/*.png``, ``eval/*_nn.png``; the layout is
+:mod:`lsot_jax.workdir`'s) and writes the two report files next to it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import matplotlib
 
@@ -25,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from lsot_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 __all__ = [
     "metrics_table",
@@ -252,8 +255,9 @@ def _image_sections(workdir: pathlib.Path, metrics: Dict[str, Any]) -> List[Tupl
     if (workdir / rel).exists():
       figures.append((f"Samples: {label}", rel))
   for method in metrics.get("methods", {}):
-    rel = f"samples/{method}_nn.png"
-    if (workdir / rel).exists():
+    # The eval stage's grid; runs made before the stage keys kept it next to the sample grids.
+    rel = next((r for r in (f"eval/{method}_nn.png", f"samples/{method}_nn.png") if (workdir / r).exists()), None)
+    if rel is not None:
       label = metrics.get("labels", {}).get(method, method)
       figures.append((f"{label}: samples (odd rows) over their nearest training images (even rows)", rel))
   if (workdir / "ae/recon.png").exists():
@@ -274,7 +278,7 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
     FileNotFoundError: if ``metrics.json`` is missing (run the eval stage first).
   """
   workdir = pathlib.Path(os.path.abspath(os.fspath(workdir)))
-  metrics_path = workdir / "metrics.json"
+  metrics_path = workdir / workdir_lib.METRICS
   if not metrics_path.exists():
     raise FileNotFoundError(f"{metrics_path} not found; run the eval stage first.")
   metrics = json.loads(metrics_path.read_text())
@@ -304,6 +308,18 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
                  + ("" if bound is None else f"; unbiased chi^2 {_fmt(ot.get('marginal_chi2'))}, L1 bound "
                     f"sqrt(chi^2) {_fmt(bound)}")
                  + f"), max relative cell-mass error {_fmt(ot.get('marginal_max_rel'))}")
+    if ot.get("converged") is False:
+      facts.append(f"the OT fit did not converge: it stopped at its step budget ({ot.get('iterations')} steps) above "
+                   "its tolerance; raise ot.num_iterations (ot.newton.num_iterations for Newton) for a converged fit")
+  setting = metrics.get("setting") or {}
+  if setting:
+    keys = setting.get("keys", {})
+    shown = ", ".join(f"{k}={v!r}" for k, v in sorted({**setting.get("sample", {}),
+                                                        **setting.get("eval", {})}.items()))
+    facts.append(f"setting shown: sample key {keys.get('sample')}, eval key {keys.get('eval')} ({shown})")
+    if setting.get("superseded"):
+      facts.append("results of earlier settings, kept: " + ", ".join(
+          f"{workdir_lib.SUPERSEDED}/{name}" for name in setting["superseded"]))
   seconds = metrics.get("stage_seconds") or {}
   if any(v is not None for v in seconds.values()):
     facts.append("stage seconds (last run of each): " + ", ".join(

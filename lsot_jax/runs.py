@@ -25,56 +25,26 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import data as data_lib
 from lsot_jax import generate
-from lsot_jax import models
+from lsot_jax import artifacts
+from lsot_jax import config as config_lib
 from lsot_jax import pipeline
+from lsot_jax import samplers
 from lsot_jax import solver as solver_lib
 from lsot_jax import sources
-from lsot_jax import train
+from lsot_jax import workdir as workdir_lib
+from lsot_jax.config import config_from_dict
 
 __all__ = ["GENERATED_DIR", "Run", "config_from_dict", "load_run", "write_generated"]
 
 GENERATED_DIR = "generated"
 
 
-def _stage_error(workdir: pathlib.Path, stage: str) -> pipeline.PipelineError:
-  return pipeline.PipelineError(
+def _stage_error(workdir: pathlib.Path, stage: str) -> config_lib.PipelineError:
+  return config_lib.PipelineError(
       f"The run in {workdir} has no finished {stage!r} stage; finish it with: lsot-jax --config <the run's "
       f"config> --workdir {workdir} --stage {stage} (or without --stage to run every stage).")
-
-
-def config_from_dict(stored: Dict[str, Any]) -> ml_collections.ConfigDict:
-  """A stored ``config.json`` as a ConfigDict on top of :func:`lsot_jax.pipeline.default_config`.
-
-  Fields the stored config lacks (added after the run was made) keep their defaults, the behaviour of the
-  version that made the run; JSON lists become tuples where the default is a tuple.
-
-  Args:
-    stored: the parsed ``config.json`` (nested dicts).
-
-  Returns:
-    The config.
-
-  Raises:
-    PipelineError: a stored field this version does not know.
-  """
-  config = pipeline.default_config()
-
-  def update(section: ml_collections.ConfigDict, values: Dict[str, Any], prefix: str) -> None:
-    for name, value in values.items():
-      if name not in section:
-        raise pipeline.PipelineError(f"config.json has the field {prefix}{name}, unknown to this version.")
-      if isinstance(section[name], ml_collections.ConfigDict):
-        update(section[name], value, f"{prefix}{name}.")
-      elif isinstance(value, list):
-        section[name] = tuple(value)
-      else:
-        section[name] = value
-
-  update(config, stored, "")
-  return config
 
 
 class Run:
@@ -88,12 +58,13 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
     self.config = config
     self.workdir = workdir
+    self._wd = workdir_lib.Workdir(workdir)
     self._samplers: Dict[Tuple[str, int], Callable[[jax.Array], jax.Array]] = {}
 
   def require_stage(self, stage: str) -> None:
-    """Raises :class:`lsot_jax.pipeline.PipelineError` (naming the stage and its command) unless ``stage``
+    """Raises :class:`lsot_jax.config.PipelineError` (naming the stage and its command) unless ``stage``
     is finished."""
-    if not (self.workdir / stage / "DONE.json").is_file():
+    if not self._wd.is_done(stage):
       raise _stage_error(self.workdir, stage)
 
   @property
@@ -102,18 +73,14 @@ class Run:
     return self.config.data.name not in data_lib.TOY_NAMES
 
   @functools.cached_property
-  def _autoencoder(self) -> Tuple[Any, Any]:
-    self.require_stage("ae")
-    try:
-      return train.restore_autoencoder(str(self.workdir / "ae" / "ckpt"))
-    except checkpoint_lib.CheckpointError as e:
-      raise pipeline.PipelineError(f"The ae checkpoint of {self.workdir} cannot be restored: {e}") from e
+  def autoencoder(self) -> artifacts.Autoencoder:
+    """The trained autoencoder (restored from the ae stage's checkpoint; the identity for toys).
 
-  @functools.cached_property
-  def _coders(self) -> Tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
-    graphdef, params = self._autoencoder
-    return (jax.jit(lambda x: models.encode(graphdef, params, x)),
-            jax.jit(lambda z: models.decode(graphdef, params, z)))
+    Raises:
+      PipelineError: the ae stage is not finished.
+    """
+    self.require_stage("ae")
+    return self._wd.load_autoencoder(self.config)
 
   def encode(self, x: Any) -> np.ndarray:
     """Latent codes of data.
@@ -127,10 +94,7 @@ class Run:
     Raises:
       PipelineError: the ae stage is not finished.
     """
-    self.require_stage("ae")
-    if self.config.ae.kind == "identity":
-      return np.asarray(x, np.float32)
-    return train.batched_apply(self._coders[0], np.asarray(x, np.float32), batch_size=1024)
+    return self.autoencoder.encode(x)
 
   def decode(self, z: Any) -> np.ndarray:
     """Data of latent codes.
@@ -145,10 +109,7 @@ class Run:
     Raises:
       PipelineError: the ae stage is not finished.
     """
-    self.require_stage("ae")
-    if self.config.ae.kind == "identity":
-      return np.asarray(z, np.float32)
-    return train.batched_apply(self._coders[1], np.asarray(z, np.float32), batch_size=1024)
+    return self.autoencoder.decode(z)
 
   @functools.cached_property
   def potential(self) -> solver_lib.BrenierPotential:
@@ -170,9 +131,9 @@ class Run:
     """Latent codes from the potential, with the sample stage's settings for ``method``.
 
     Args:
-      key: PRNG key; :func:`lsot_jax.pipeline.sample_key` gives the sample stage's keys.
+      key: PRNG key; :func:`lsot_jax.config.sample_key` gives the sample stage's keys.
       n: number of samples.
-      method: ``"exact"``, ``"extended"`` or ``"soft"`` (:data:`lsot_jax.pipeline.LSOT_METHODS`).
+      method: ``"exact"``, ``"extended"`` or ``"soft"`` (:data:`lsot_jax.config.LSOT_METHODS`).
 
     Returns:
       float32 array of shape [n, d].
@@ -180,15 +141,15 @@ class Run:
     Raises:
       PipelineError: an unknown method, or an unfinished encode or ot stage.
     """
-    if method not in pipeline.LSOT_METHODS:
-      raise pipeline.PipelineError(f"Unknown method {method!r}; valid: {', '.join(pipeline.LSOT_METHODS)}.")
+    if method not in config_lib.LSOT_METHODS:
+      raise config_lib.PipelineError(f"Unknown method {method!r}; valid: {', '.join(config_lib.LSOT_METHODS)}.")
     if (method, int(n)) not in self._samplers:
       potential, source, num = self.potential, self.source, int(n)
-      kwargs = pipeline.lsot_generate_kwargs(self.config, method, potential, source)
-      y, h = potential.y, potential.h
+      kwargs = samplers.lsot_generate_kwargs(self.config, method, potential, source)
       self._samplers[method, num] = jax.jit(
-          lambda k: generate.generate(method, k, source, y, h, num, **kwargs))
-    return np.asarray(self._samplers[method, int(n)](key), np.float32)
+          lambda k, y, h: generate.generate(method, k, source, y, h, num, **kwargs))
+    potential = self.potential
+    return np.asarray(self._samplers[method, int(n)](key, potential.y, potential.h), np.float32)
 
   def sample(self, key: jax.Array, n: int, method: str = "extended") -> np.ndarray:
     """Decoded samples: :meth:`sample_codes` through :meth:`decode`.
@@ -219,22 +180,22 @@ def load_run(workdir: str | os.PathLike, config: Optional[ml_collections.ConfigD
 
   Returns:
     A :class:`Run`. Its stages' checkpoints are restored when first used; an unfinished stage raises
-    :class:`lsot_jax.pipeline.PipelineError` naming it and the command that finishes it.
+    :class:`lsot_jax.config.PipelineError` naming it and the command that finishes it.
 
   Raises:
     PipelineError: no run in ``workdir``, an unreadable ``config.json``, or (``config`` given) a
-      :class:`lsot_jax.pipeline.ConfigMismatchError`.
+      :class:`lsot_jax.config.ConfigMismatchError`.
   """
   path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
   config_path = path / "config.json"
   if not config_path.is_file():
-    raise pipeline.PipelineError(f"{path} holds no pipeline run (no config.json); run lsot-jax --config "
+    raise config_lib.PipelineError(f"{path} holds no pipeline run (no config.json); run lsot-jax --config "
                                  f"CONFIG --workdir {path} first.")
   if config is None:
     try:
       stored = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
-      raise pipeline.PipelineError(f"{config_path} is unreadable: {e}") from e
+      raise config_lib.PipelineError(f"{config_path} is unreadable: {e}") from e
     config = config_from_dict(stored)
     available = len(jax.devices())
     for section in ("ae", "ot"):
@@ -254,7 +215,7 @@ def write_generated(run: Run, method: str = "extended", num_samples: Optional[in
                     seed: int = 0) -> pathlib.Path:
   """Writes decoded samples of one method and sample seed under ``<workdir>/generated/``.
 
-  The codes are those of the sample stage's seed ``seed`` (key :func:`lsot_jax.pipeline.sample_key`), so
+  The codes are those of the sample stage's seed ``seed`` (key :func:`lsot_jax.config.sample_key`), so
   with ``num_samples = sample.num_samples`` and a seed below ``sample.num_seeds`` they equal the sample
   stage's.
 
@@ -274,10 +235,10 @@ def write_generated(run: Run, method: str = "extended", num_samples: Optional[in
   """
   n = int(run.config.sample.num_samples if num_samples is None else num_samples)
   if n < 1 or int(seed) < 0:
-    raise pipeline.PipelineError(f"--num_samples must be >= 1 and --sample_seed >= 0; got {n} and {seed}.")
+    raise config_lib.PipelineError(f"--num_samples must be >= 1 and --sample_seed >= 0; got {n} and {seed}.")
   for stage in ("ae", "encode", "ot"):
     run.require_stage(stage)
-  samples = run.sample(pipeline.sample_key(run.config, method, int(seed)), n, method)
+  samples = run.sample(config_lib.sample_key(run.config, method, int(seed)), n, method)
   out = run.workdir / GENERATED_DIR / f"{method}_seed{int(seed)}_n{n}"
   out.mkdir(parents=True, exist_ok=True)
   np.savez(out / "samples.npz", samples=samples)

@@ -58,6 +58,7 @@ __all__ = [
     "make_sharded_solver",
     "pad_problem",
     "pad_state",
+    "place_state",
     "padded_size",
     "replicate",
     "resolve_axis",
@@ -446,6 +447,27 @@ def unpad_state(state: Any, n: int) -> Any:
 def pad_state(state: Any, size: int) -> Any:
   """Zero-pads the per-target arrays of a solver state to ``size`` (to resume a run on a padded problem)."""
   return _resize_cells(state, lambda a: jnp.pad(a, (0, size - a.shape[0])))
+
+
+def place_state(state: Any, mesh: Mesh) -> Any:
+  """Puts a padded solver state on the mesh: per-cell arrays sharded like the codes, the rest replicated.
+
+  Args:
+    state: a :class:`lsot_jax.solver.SolverState` or :class:`lsot_jax.newton.NewtonState` padded to a
+      multiple of the mesh size (:func:`pad_state`).
+    mesh: the 1-D device mesh of the targets.
+
+  Returns:
+    The same state, placed.
+  """
+  whole = NamedSharding(mesh, P())
+  cells = NamedSharding(mesh, P(mesh.axis_names[0]))
+  placed = jax.device_put(state, whole)
+  per_cell = lambda a: jax.device_put(a, cells if jnp.ndim(a) else whole)  # pylint: disable=unnecessary-lambda-assignment
+  if isinstance(state, newton_lib.NewtonState):
+    return dataclasses.replace(placed, h=per_cell(state.h), counts=per_cell(state.counts))
+  return dataclasses.replace(placed, h=per_cell(state.h), window_hist=per_cell(state.window_hist),
+                             opt_state=jax.tree.map(per_cell, state.opt_state))
 
 
 def solve_sharded(

@@ -1,4 +1,4 @@
-"""Every config file: loads, matches the schema of pipeline.default_config, validates, has a smoke variant."""
+"""Every config file: loads, matches the schema of config.default_config, validates, has a smoke variant."""
 import importlib.util
 import pathlib
 import re
@@ -6,7 +6,7 @@ import re
 import ml_collections
 import pytest
 
-from lsot_jax import pipeline
+from lsot_jax import config as config_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAMES = ("eight_gaussians", "grid25", "mnist", "fashion_mnist", "digits", "celeba")
@@ -37,11 +37,18 @@ def test_config_files_are_all_listed():
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_config_matches_schema_and_validates(name, arg):
   config = _load(name).get_config(arg)
-  assert set(_keys(config)) == set(_keys(pipeline.default_config())), "a config added or lost a field"
+  assert set(_keys(config)) == set(_keys(config_lib.default_config())), "a config added or lost a field"
   for section in ("data", "ae", "ot", "sample", "eval"):
     assert isinstance(config[section], ml_collections.ConfigDict)
   assert isinstance(config.seed, int)
-  pipeline.validate_config(config)
+  config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_files_import_only_the_config_module(name):
+  source = (CONFIG_DIR / f"{name}.py").read_text()
+  imports = re.findall(r"^\s*(?:from lsot_jax\S* import .*|import lsot_jax.*)$", source, re.M)
+  assert all(line.strip() == "from lsot_jax import config as config_lib" for line in imports), imports
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

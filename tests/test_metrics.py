@@ -252,35 +252,3 @@ def test_memorisation_copies_and_fresh_draws(np_rng):
       np.mean(d.min(axis=1) < threshold), abs=2e-3)
   far = fn(fresh * 5.0, train, heldout, chunk_size=256)
   assert float(far["rate"]) < 0.3
-
-
-# ----------------------------------------------------------------------------
-# dispatcher
-
-
-def test_compute_metrics_dispatch_and_errors(np_rng, rng):
-  means = _ring_means()
-  real = means[np_rng.integers(0, 8, 300)] + 0.01 * np_rng.normal(size=(300, 2))
-  fake = means[np_rng.integers(0, 8, 200)] + 0.01 * np_rng.normal(size=(200, 2))
-  train = means[np_rng.integers(0, 8, 300)] + 0.01 * np_rng.normal(
-      size=(300, 2))
-  out = metrics.compute_metrics(
-      ["mode_coverage", "frechet", "prdc", "sinkhorn", "sliced_wasserstein",
-       "memorisation"],
-      fake, real, train=train, means=means, std=0.01, key=rng)
-  assert out["modes"] == 8.0
-  assert out["frechet"] == pytest.approx(metrics.frechet_distance(fake, real))
-  assert out["sinkhorn"] > 0.0
-  assert set(out) >= {"precision", "recall", "density", "coverage",
-                      "sliced_wasserstein", "memorisation_rate",
-                      "memorisation_threshold", "high_quality", "reverse_kl"}
-  assert all(isinstance(v, float) for v in out.values())
-  with pytest.raises(ValueError, match="Unknown metric"):
-    metrics.compute_metrics(["fid"], fake, real)
-  with pytest.raises(ValueError, match="needs argument"):
-    metrics.compute_metrics(["memorisation"], fake, real)
-  with pytest.raises(ValueError, match="Feature dimensions"):
-    metrics.compute_metrics(["sliced_wasserstein"], fake, np.zeros((5, 3)),
-                            key=rng)
-  with pytest.raises(ValueError, match="at least 6"):
-    metrics.compute_metrics(["prdc"], fake[:4], real)

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import models
 from lsot_jax import pipeline
 from lsot_jax import report
+from lsot_jax import scans
 from lsot_jax import solver as solver_lib
 from lsot_jax import train
 
@@ -48,6 +50,14 @@ def _quiet(lines):
   return lines.append
 
 
+def _as_legacy_marker(path):
+  """Rewrites a stage's DONE.json as versions before stage keys wrote it (no key, fields or inputs)."""
+  done = json.loads(path.read_text())
+  for name in ("key", "fields", "inputs"):
+    del done[name]
+  path.write_text(json.dumps(done))
+
+
 def test_config_diff_names_every_changed_field():
   old = {"seed": 0, "ot": {"tol": 0.05, "window": 10}, "sample": {"methods": ["exact"]}}
   new = {"seed": 1, "ot": {"tol": 0.05, "window": 20}, "sample": {"methods": ("exact", "soft")}}
@@ -63,7 +73,7 @@ def test_config_diff_names_every_changed_field():
     ("ae__latent_dim", 3, r"ae.latent_dim.*use 2"),
     ("eval__feature_space", "classifier", r"eval.feature_space"),
     ("ot__source", "laplace", r"ot.source"),
-    ("ae__lr_schedule", "linear", r"ae.lr_schedule.*constant, cosine"),
+    ("ae__lr_schedule", "linear", r"ae.lr_schedule.*'constant', 'cosine'"),
     ("sample__wgan_learning_rate", 0.0, r"sample.wgan_learning_rate.*positive"),
     ("ot__max_batch_size", 1024, r"ot.max_batch_size"),
 ])
@@ -101,11 +111,160 @@ def test_end_to_end_then_rerun_skips_every_stage(tmp_path):
   md = (workdir / "report.md").read_text()
   assert "| LSOT exact | 8 ± 0 |" in md and "ot/convergence.png" in md
 
+  assert "ot: not converged" in " ".join(lines) and "did not converge" in md  # 40 steps are not enough
+
   lines.clear()
-  again = pipeline.run(config, workdir, log=lines.append)
-  assert again["methods"] == metrics["methods"]
+  markers = {s: (workdir / s / "DONE.json").read_bytes() for s in ("ae", "encode", "ot", "sample", "eval")}
+  pipeline.run(config, workdir, log=lines.append)
   for stage in ("ae", "encode", "ot", "sample", "eval"):
     assert f"{stage}: already done, skipping" in lines
+    assert (workdir / stage / "DONE.json").read_bytes() == markers[stage], stage
+  assert not any(line.endswith(": starting") for line in lines)
+
+
+def _files(workdir, *stages):
+  """Every file under the given stage folders, with its bytes."""
+  return {str(p.relative_to(workdir)): p.read_bytes() for s in stages for p in (workdir / s).rglob("*")
+          if p.is_file()}
+
+
+def _started(lines):
+  return [line.split(":")[0] for line in lines if line.endswith(": starting")]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished tiny run: ``(config, workdir)``; tests copy the workdir before changing it."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  config = _tiny_config()
+  pipeline.run(config, workdir, log=_quiet([]))
+  return config, workdir
+
+
+def _copy(finished, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  config, workdir = finished
+  target = tmp_path / "run"
+  shutil.copytree(workdir, target)
+  return config, target
+
+
+def test_a_sample_field_change_reruns_sample_eval_and_report_only(finished, tmp_path):
+  config, workdir = _copy(finished, tmp_path)
+  before = _files(workdir, "ae", "encode", "ot")
+  old_keys = {s: json.loads((workdir / s / "DONE.json").read_text())["key"] for s in ("sample", "eval")}
+  old_metrics = (workdir / "metrics.json").read_bytes()
+  changed = _tiny_config(sample__num_samples=300)
+  lines = []
+  metrics = pipeline.run(changed, workdir, log=lines.append)
+  assert _started(lines) == ["sample", "eval"]
+  for stage in ("ae", "encode", "ot"):
+    assert f"{stage}: already done, skipping" in lines
+  assert _files(workdir, "ae", "encode", "ot") == before  # byte for byte, markers included
+  new_keys = {s: json.loads((workdir / s / "DONE.json").read_text())["key"] for s in ("sample", "eval")}
+  assert all(new_keys[s] != old_keys[s] for s in new_keys)
+  assert metrics["num_samples"] == 300 and metrics["setting"]["keys"]["sample"] == new_keys["sample"]
+  # The superseded setting's results are kept, named by their key.
+  kept = workdir / "superseded"
+  assert (kept / f"sample-{old_keys['sample']}" / "sample" / "DONE.json").is_file()
+  assert (kept / f"sample-{old_keys['sample']}" / "samples" / "exact.png").is_file()
+  assert (kept / f"eval-{old_keys['eval']}" / "metrics.json").read_bytes() == old_metrics
+  md = (workdir / "report.md").read_text()
+  assert f"sample key {new_keys['sample']}" in md and "sample.num_samples=300" in md
+  assert f"superseded/sample-{old_keys['sample']}" in md
+  # The rerun of the new setting skips everything.
+  lines.clear()
+  pipeline.run(changed, workdir, log=lines.append)
+  assert _started(lines) == []
+
+
+def test_an_eval_field_change_reruns_eval_and_report_only(finished, tmp_path):
+  config, workdir = _copy(finished, tmp_path)
+  before = _files(workdir, "ae", "encode", "ot", "sample", "samples")
+  lines = []
+  metrics = pipeline.run(_tiny_config(eval__metrics=("mode_coverage", "sliced_wasserstein")), workdir,
+                         log=lines.append)
+  assert _started(lines) == ["eval"]
+  assert _files(workdir, "ae", "encode", "ot", "sample", "samples") == before
+  assert "sliced_wasserstein" in metrics["methods"]["exact"]
+  assert len(list((workdir / "superseded").iterdir())) == 1
+
+
+def test_an_upstream_change_of_a_finished_run_refuses_naming_the_field(finished, tmp_path):
+  config, workdir = _copy(finished, tmp_path)
+  before = _files(workdir, "ae", "encode", "ot", "sample", "eval")
+  with pytest.raises(pipeline.ConfigMismatchError, match=r"data.num_train: 200 -> 150.*--overwrite") as info:
+    pipeline.run(_tiny_config(data__num_train=150), workdir, log=_quiet([]))
+  assert info.value.fields == ("data.num_train",)
+  with pytest.raises(pipeline.ConfigMismatchError, match=r"ot.learning_rate: 1.0 -> 0.5"):
+    pipeline.run(_tiny_config(ot__learning_rate=0.5), workdir, log=_quiet([]))
+  assert _files(workdir, "ae", "encode", "ot", "sample", "eval") == before
+  assert not (workdir / "superseded").exists()
+  assert json.loads((workdir / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
+
+
+def test_a_workdir_of_the_layout_before_stage_keys_resumes(finished, tmp_path):
+  """Markers without keys, spec.json files, the nearest-neighbour grids next to the sample grids: the layout
+  written before stage keys. A rerun skips every stage; a sample change reruns only the later stages."""
+  config, workdir = _copy(finished, tmp_path)
+  for stage in ("ae", "encode", "ot", "sample", "eval"):
+    _as_legacy_marker(workdir / stage / "DONE.json")
+  (workdir / "ot" / "spec.json").write_text(json.dumps({"dataset": "ring", "solver": "adam"}))
+  before = _files(workdir, "ae", "encode", "ot")
+  lines = []
+  pipeline.run(config, workdir, log=lines.append)
+  assert _started(lines) == [] and _files(workdir, "ae", "encode", "ot") == before
+  lines.clear()
+  pipeline.run(_tiny_config(sample__num_seeds=3), workdir, log=lines.append)
+  assert _started(lines) == ["sample", "eval"] and _files(workdir, "ae", "encode", "ot") == before
+  assert json.loads((workdir / "metrics.json").read_text())["methods"]["exact"]["num_seeds"] == 3
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+  from lsot_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(workdir_lib.jax, "process_index", lambda: 1)
+  wd = workdir_lib.Workdir(tmp_path / "w")
+  wd.prepare(_tiny_config(), overwrite=False, log=_quiet([]))
+  workdir_lib.write_json(tmp_path / "x.json", {"a": 1})
+  wd.mark_done("ae", _tiny_config(), 1.0)
+  assert not (tmp_path / "w").exists() and not (tmp_path / "x.json").exists()
+  monkeypatch.setattr(workdir_lib.jax, "process_index", lambda: 0)
+  wd.prepare(_tiny_config(), overwrite=False, log=_quiet([]))
+  wd.mark_done("ae", _tiny_config(), 1.0)
+  assert wd.done("ae")["key"] == config_lib.stage_keys(_tiny_config())["ae"]
+  monkeypatch.setattr(workdir_lib.jax, "process_index", lambda: 1)
+  assert wd.is_done("ae")  # every process reads
+
+
+def test_a_useless_ot_fit_stops_the_run_with_one_line(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  config = _tiny_config(ot__learning_rate=1e30)
+  with pytest.raises(pipeline.OTFitUseless) as info:
+    pipeline.run(config, workdir, log=_quiet([]))
+  message = str(info.value)
+  assert message.startswith("Stage 'ot': the fit is useless: L1 marginal error") and "\n" not in message
+  assert "--config.ot.learning_rate (now 1e+30)" in message and info.value.l1 > 1.5
+  assert (workdir / "ae" / "DONE.json").is_file() and (workdir / "encode" / "DONE.json").is_file()
+  assert not (workdir / "ot" / "DONE.json").exists() and not (workdir / "sample").exists()
+  # From the command line: one line on stderr, exit status 1, no traceback.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from lsot_jax import cli  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(["lsot-jax", "--config", "eight_gaussians:smoke", "--workdir", str(tmp_path / "cli"),
+                "--config.ot.learning_rate=1e30", "--config.ot.num_iterations=40",
+                "--config.ot.marginal_samples=8192", "--config.data.num_train=200"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "Stage 'ot': the fit is useless" in err and "Traceback" not in err
+  # A rerun with a sensible step supersedes the useless fit (kept) and finishes.
+  lines = []
+  pipeline.run(_tiny_config(), workdir, log=lines.append)
+  assert _started(lines) == ["ot", "sample", "eval"]
+  assert [p.name.split("-")[0] for p in (workdir / "superseded").iterdir()] == ["ot"]
 
 
 def test_workdir_with_other_config_is_refused_naming_fields(tmp_path):
@@ -116,8 +275,9 @@ def test_workdir_with_other_config_is_refused_naming_fields(tmp_path):
   other.seed = 3
   with pytest.raises(pipeline.ConfigMismatchError) as info:
     pipeline.run(other, workdir, log=_quiet([]))
-  assert info.value.fields == ("ot.tol", "seed")
-  assert "ot.tol: 0.05 -> 0.5" in str(info.value) and "seed: 0 -> 3" in str(info.value)
+  # Only the finished ae stage's fields are named: ot.tol belongs to a stage that has not run.
+  assert info.value.fields == ("seed",)
+  assert "'ae'" in str(info.value) and "seed: 0 -> 3" in str(info.value) and "ot.tol" not in str(info.value)
   assert (workdir / "config.json").read_text() == stored
 
   lines = []
@@ -137,10 +297,12 @@ def test_a_field_added_after_the_run_matches_only_at_its_default(tmp_path):
   stored = json.loads((workdir / "config.json").read_text())
   del stored["ae"]["lr_schedule"]
   (workdir / "config.json").write_text(json.dumps(stored))
+  _as_legacy_marker(workdir / "ae" / "DONE.json")
   lines = []
   pipeline.run(_tiny_config(), workdir, stage="ae", log=lines.append)
   assert "ae: already done, skipping" in lines
-  with pytest.raises(pipeline.ConfigMismatchError, match=r"ae.lr_schedule: '<absent>' -> 'cosine'"):
+  assert json.loads((workdir / "config.json").read_text())["ae"]["lr_schedule"] == "constant"  # now recorded
+  with pytest.raises(pipeline.ConfigMismatchError, match=r"ae.lr_schedule: 'constant' -> 'cosine'"):
     pipeline.run(_tiny_config(ae__lr_schedule="cosine"), workdir, log=_quiet([]))
 
 
@@ -158,7 +320,7 @@ def test_latent_dim_of_restored_autoencoder_is_checked_before_work(tmp_path):
                          ae__latent_dim=3)
   # A config.json edited by hand (or an ae/ folder copied from another run) must not slip through.
   (workdir / "config.json").write_text(json.dumps(changed.to_dict()))
-  with pytest.raises(pipeline.ConfigMismatchError, match="latent_dim: checkpoint has 2, config asks for 3"):
+  with pytest.raises(pipeline.ConfigMismatchError, match=r"ae.latent_dim: 2 -> 3"):
     pipeline.run(changed, workdir, log=_quiet([]))
   assert sorted(p.name for p in (workdir / "ae" / "ckpt").iterdir()) == steps_before
 
@@ -211,7 +373,7 @@ def test_newton_ot_stage_reports_unbiased_error_and_resumes_identically(tmp_path
   history = json.loads((tmp_path / "a" / "ot" / "history.json").read_text())
   assert history["solver"] == "newton" and len(history["chi2"]) == ot["iterations"]
   assert np.isfinite(history["error_bound"]) and np.nanmax(history["alphas"]) >= 0.5  # Newton steps were taken
-  assert json.loads((tmp_path / "a" / "ot" / "spec.json").read_text())["solver"] == "newton"
+  assert json.loads((tmp_path / "a" / "ot" / "DONE.json").read_text())["fields"]["ot.solver"] == "newton"
 
   from lsot_jax import checkpoint  # pylint: disable=import-outside-toplevel
   original = checkpoint.StageCheckpointer.save
@@ -243,10 +405,8 @@ def test_ot_stage_without_solver_in_its_spec_was_fitted_by_adam(tmp_path):
   pipeline.run(config, tmp_path / "w", stage="ae", log=_quiet([]))
   pipeline.run(config, tmp_path / "w", stage="encode", log=_quiet([]))
   pipeline.run(config, tmp_path / "w", stage="ot", log=_quiet([]))
-  spec_path = tmp_path / "w" / "ot" / "spec.json"
-  spec = json.loads(spec_path.read_text())
-  del spec["solver"]
-  spec_path.write_text(json.dumps(spec))
+  for stage in ("ae", "encode", "ot"):
+    _as_legacy_marker(tmp_path / "w" / stage / "DONE.json")
   stored_path = tmp_path / "w" / "config.json"
   stored = json.loads(stored_path.read_text())
   del stored["ot"]["solver"], stored["ot"]["newton"]  # as written before the fields existed
@@ -307,7 +467,7 @@ def test_more_devices_than_available_are_refused_before_work(tmp_path, field):
     ("ot.learning_rate", r"Bad --scan.*field=v1"),
     ("seed=1,1", r"Bad --scan.*repeats"),
     ("ot.batch_size=1e3", r"--scan ot.batch_size: value 1000.0 has the wrong type"),
-    ("ot.max_batch_size=1024,4096", r"--scan setting \{'ot.max_batch_size': 1024\}.*ot.max_batch_size.*>= ot.batch_size"),
+    ("ot.max_batch_size=1024,4096", r"--scan setting \{'ot.max_batch_size': 1024\}.*ot.max_batch_size=1024: Need 1 <= batch_size <= max_batch_size"),
 ])
 def test_bad_scan_specs_are_refused_before_work(tmp_path, spec, match):
   with pytest.raises(pipeline.PipelineError, match=match):
@@ -364,7 +524,7 @@ def _ae_scan_config(**overrides):
     ("ae.epochs=1.5", r"--scan ae.epochs: value 1.5 has the wrong type"),
     ("ae.learning_rate=0,1e-3", r"--scan setting \{'ae.learning_rate': 0, 'seed': 0\}.*learning_rate must be positive"),
     ("ae.weight_decay=-1", r"--scan setting \{'ae.weight_decay': -1, 'seed': 0\}.*weight_decay.*must be >= 0"),
-    ("ae.lr_schedule=constant,linear", r"--scan setting \{'ae.lr_schedule': 'linear', 'seed': 0\}.*use one of constant, cosine"),
+    ("ae.lr_schedule=constant,linear", r"--scan setting \{'ae.lr_schedule': 'linear', 'seed': 0\}.*ae.lr_schedule='linear': lr_schedule must be one of \('constant', 'cosine'\)"),
 ])
 def test_bad_ae_scan_specs_are_refused_before_work(tmp_path, spec, match):
   with pytest.raises(pipeline.PipelineError, match=match):
@@ -373,7 +533,7 @@ def test_bad_ae_scan_specs_are_refused_before_work(tmp_path, spec, match):
 
 
 def test_ae_scan_too_large_for_the_memory_is_refused_before_training(tmp_path, monkeypatch):
-  monkeypatch.setattr(pipeline, "_memory_bytes", lambda: 1000)
+  monkeypatch.setattr(scans, "memory_bytes", lambda: 1000)
   with pytest.raises(pipeline.PipelineError, match=r"4 autoencoders of \d+ parameters would train at once"):
     pipeline.run_scan(_ae_scan_config(), tmp_path / "w", ["ae.learning_rate=1e-2,3e-3", "seed=0,1"],
                       log=_quiet([]))

@@ -14,6 +14,7 @@ from lsot_jax import cli
 from lsot_jax import config_files
 from lsot_jax import pipeline
 from lsot_jax import runs
+from lsot_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -94,9 +95,8 @@ def test_load_run_restores_config_potential_and_the_sample_stage_draws(ring_run)
   np.testing.assert_array_equal(run.decode(y[:5]), y[:5])
   np.testing.assert_array_equal(run.encode(y[:5]), y[:5])
   # The sample stage's seed-1 draws, for the methods it ran, with its keys and settings.
-  stage_run = pipeline._Run(config, workdir, lambda line: None)  # pylint: disable=protected-access
   for method in ("exact", "extended"):
-    draws, _ = pipeline._load_samples(stage_run, method)  # pylint: disable=protected-access
+    draws = workdir_lib.Workdir(workdir).load_samples(method).codes
     codes = run.sample_codes(pipeline.sample_key(config, method, 1), config.sample.num_samples, method)
     np.testing.assert_allclose(codes, draws[1], atol=1e-6)
   assert _snapshot(workdir) == before
