@@ -317,7 +317,7 @@ class NewtonSolver:
   cg_tol: float = dataclasses.field(default=1e-3, metadata=dict(static=True))
   cg_max_iter: int = dataclasses.field(default=300, metadata=dict(static=True))
   tol: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-  initialisation: str = dataclasses.field(default="gaussian", metadata=dict(static=True))
+  initialisation: str = dataclasses.field(default="multiscale", metadata=dict(static=True))
   coarsening: int = dataclasses.field(default=8, metadata=dict(static=True))
   coarsest: int = dataclasses.field(default=64, metadata=dict(static=True))
   coarse_samples_per_cell: int = dataclasses.field(default=256, metadata=dict(static=True))
