@@ -76,12 +76,25 @@ def test_config_diff_names_every_changed_field():
     ("ae__lr_schedule", "linear", r"ae.lr_schedule.*'constant', 'cosine'"),
     ("sample__wgan_learning_rate", 0.0, r"sample.wgan_learning_rate.*positive"),
     ("ot__max_batch_size", 1024, r"ot.max_batch_size"),
+    ("log__progress_every", -1, r"log.progress_every=-1: must be an integer >= 0"),
+    ("log__progress_seconds", -1.0, r"log.progress_seconds=-1.0: must be >= 0"),
 ])
 def test_bad_config_values_are_refused_before_work(tmp_path, field, value, match):
   config = _tiny_config(**{field: value})
   with pytest.raises(pipeline.PipelineError, match=match):
     pipeline.run(config, tmp_path / "w", log=_quiet([]))
   assert not (tmp_path / "w").exists()
+
+
+def test_log_fields_enter_no_stage_key():
+  config = _tiny_config()
+  changed = _tiny_config(log__tensorboard=False, log__progress=False, log__progress_every=3,
+                         log__progress_seconds=0.0)
+  assert config_lib.stage_keys(changed) == config_lib.stage_keys(config)
+  assert set(config_lib.LOG_FIELDS) == {k for k in config_lib.flatten(config_lib.as_plain(config))
+                                        if k.startswith("log.")}
+  for stage in config_lib.STAGES:
+    assert not any(k.startswith("log.") for k in config_lib.stage_fields(config, stage)), stage
 
 
 def test_too_few_samples_for_knn_metric_is_refused(tmp_path):
