@@ -108,8 +108,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
                           f"--stage (or with --stage {missing[0]}).")
   selected = STAGES[:-1] if stage is None else tuple(s for s in (stage,) if s != "report")
   results = stages.Results(ctx)
-  for name in selected:
-    stages.run_stage(ctx, results, name)
+  try:
+    for name in selected:
+      stages.run_stage(ctx, results, name)
+  finally:
+    ctx.close()
   if stage in (None, "eval", "report") and ctx.wd.is_done("eval") and workdir_lib.is_writer():
     md, html = report_lib.write_report(ctx.wd.root)
     log(f"report: wrote {md} and {html}")

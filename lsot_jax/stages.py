@@ -33,6 +33,7 @@ from lsot_jax import models
 from lsot_jax import report as report_lib
 from lsot_jax import samplers
 from lsot_jax import stage_ot
+from lsot_jax import tracking
 from lsot_jax import train
 from lsot_jax import workdir as workdir_lib
 
@@ -54,6 +55,23 @@ class Context:
   wd: workdir_lib.Workdir
   log: Callable[[str], None]
   _data: Dict[str, data_lib.Dataset] = dataclasses.field(default_factory=dict)
+  _tracker: Optional[tracking.Tracker] = None
+
+  @property
+  def tracker(self) -> tracking.Tracker:
+    """The run's tracker, made on first use: TensorBoard event files in ``<workdir>/tensorboard/`` with
+    ``log.tensorboard`` on process 0 (:func:`lsot_jax.workdir.is_writer`), else a
+    :class:`lsot_jax.tracking.NullTracker`."""
+    if self._tracker is None:
+      on = bool(self.config.log.tensorboard) and workdir_lib.is_writer()
+      self._tracker = tracking.make_tracker(str(self.wd.root / "tensorboard") if on else None)
+    return self._tracker
+
+  def close(self) -> None:
+    """Flushes and closes the tracker (if one was made); a later use makes a new one."""
+    if self._tracker is not None:
+      self._tracker.close()
+      self._tracker = None
 
   @property
   def is_points(self) -> bool:
@@ -131,7 +149,7 @@ def train_ae(ctx: Context) -> tuple[artifacts.Autoencoder, Dict[str, Any]]:
   graphdef, params, history = train.train_autoencoder(
       ds.x, config_lib.ae_model_config(cfg, ds.example_shape), wd.ckpt_dir("ae", "ckpt"),
       config_lib.ae_train_config(cfg), code_penalty=float(cfg.ae.code_penalty),
-      log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh)
+      log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh, tracker=ctx.tracker)
   ae = artifacts.Autoencoder(graphdef, params)
   recon = ae.decode(ae.encode(test.x))
   test_mse = float(np.mean(np.square(recon - test.x)))
@@ -201,7 +219,8 @@ def sample(ctx: Context, fit: artifacts.OTFit, ae: artifacts.Autoencoder) -> Dic
     start = time.perf_counter()
     inputs = samplers.SamplerInputs(
         cfg, fit, config_lib.config_key(cfg, config_lib.SALT_FIT, config_lib.METHODS.index(method)),
-        ctx.dataset("train").x, wd.ckpt_dir("sample", "vae_train"), str(wd.path("sample", "vae_metrics.jsonl")))
+        ctx.dataset("train").x, wd.ckpt_dir("sample", "vae_train"), str(wd.path("sample", "vae_metrics.jsonl")),
+        ctx.tracker)
     sampler = samplers.SAMPLERS[method](inputs)
     draws = np.stack([np.asarray(sampler.draw(config_lib.sample_key(cfg, method, s)), np.float32)
                       for s in range(int(cfg.sample.num_seeds))])
@@ -235,7 +254,8 @@ def evaluate(ctx: Context, ae: artifacts.Autoencoder,
   cfg, wd = ctx.config, ctx.wd
   names = tuple(cfg.eval.metrics)
   test, train_x = ctx.dataset("test"), ctx.dataset("train").x
-  features, extra = evaluator.feature_fn(cfg, ctx.dataset("train"), test, wd.root / "eval" / "classifier")
+  features, extra = evaluator.feature_fn(cfg, ctx.dataset("train"), test, wd.root / "eval" / "classifier",
+                                         tracker=ctx.tracker)
   if "classifier_test_accuracy" in extra:
     ctx.log(f"eval: classifier test accuracy {extra['classifier_test_accuracy']:.4f}")
   real = features(test.x[:int(cfg.eval.num_real) or test.num_examples])
@@ -269,7 +289,7 @@ def evaluate(ctx: Context, ae: artifacts.Autoencoder,
   return {"methods": results, **extra}
 
 
-def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> None:
+def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> Dict[str, Any]:
   cfg, wd = ctx.config, ctx.wd
   stage_info = {s: wd.done(s) for s in config_lib.STAGES[:4]}
   keys = config_lib.stage_keys(cfg)
@@ -291,6 +311,28 @@ def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> None:
   if "classifier_test_accuracy" in eval_out:
     out["classifier_test_accuracy"] = eval_out["classifier_test_accuracy"]
   workdir_lib.write_json(wd.metrics_path, out, sort_keys=False)
+  return out
+
+
+def _track_results(ctx: Context, res: Results, metrics: Dict[str, Any]) -> None:
+  """Writes the final metrics (``final/...`` at step 0; the setting's config fields left out) and one sample grid per method (``samples/<method>``:
+  the decoded grid for images, the scatter plot ``samples/<method>.png`` for points) to the tracker."""
+  tracker = ctx.tracker
+  if isinstance(tracker, tracking.NullTracker):
+    return
+  tracking.write_metrics(tracker, 0, {k: v for k, v in metrics.items() if k != "setting"}, "final")
+  for method in ctx.config.sample.methods:
+    if ctx.is_points:
+      path = ctx.wd.grid_path(method)
+      if path.is_file():
+        from PIL import Image  # pylint: disable=import-outside-toplevel
+        with Image.open(path) as image:
+          tracker.image(f"samples/{method}", 0, np.asarray(image.convert("RGB")))
+      continue
+    samples = res.samples(method)
+    decoder = samples.decoder or res.autoencoder()
+    tracking.write_sample_grid(tracker, f"samples/{method}",
+                               decoder.decode(samples.codes[0, :int(ctx.config.sample.grid_size)]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +352,7 @@ def _run_encode(ctx: Context, res: Results) -> Dict[str, Any]:
 
 
 def _run_ot(ctx: Context, res: Results) -> Dict[str, Any]:
-  fit, summary = stage_ot.fit_ot(ctx.config, ctx.wd, res.codes(), ctx.log)
+  fit, summary = stage_ot.fit_ot(ctx.config, ctx.wd, res.codes(), ctx.log, tracker=ctx.tracker)
   res.put("ot", fit)
   return summary
 
@@ -320,7 +362,7 @@ def _run_sample(ctx: Context, res: Results) -> Dict[str, Any]:
 
 
 def _run_eval(ctx: Context, res: Results) -> Optional[Dict[str, Any]]:
-  _write_metrics(ctx, evaluate(ctx, res.autoencoder(), res.samples))
+  _track_results(ctx, res, _write_metrics(ctx, evaluate(ctx, res.autoencoder(), res.samples)))
   return None
 
 
