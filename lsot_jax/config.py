@@ -34,7 +34,8 @@ from lsot_jax import train
 __all__ = [
     "AE_KINDS", "BASELINE_METHODS", "ConfigMismatchError", "FEATURE_SPACES", "LOCATION_FIELDS", "LOG_FIELDS",
     "LSOT_METHODS", "METHODS", "METHOD_LABELS", "NEWTON_FIELDS", "OTDiverged", "OTFitUseless",
-    "OT_SOLVERS", "PipelineError", "REFIT_STAGES", "SALT_EVAL", "SALT_FIT", "SALT_MARGINAL", "SALT_OT",
+    "OT_SOLVERS", "PipelineError", "REFIT_STAGES", "SALT_EVAL", "SALT_FIGURE", "SALT_FIT", "SALT_MARGINAL",
+    "SALT_OT",
     "SALT_SAMPLE", "SCAN_FIELDS", "SOLVER_FIELDS", "STAGES", "STAGE_INPUTS", "SampleSettings",
     "adam_solver", "ae_model_config", "ae_train_config", "as_plain", "check_devices", "classifier_train_config",
     "config_diff", "config_from_dict", "config_key", "default_config", "device_count", "flatten", "mesh_for",
@@ -68,7 +69,7 @@ FEATURE_SPACES = ("points", "classifier", "pixels")
 OT_SOLVERS = ("newton", "adam")
 
 # Salts folded into the seed key, one per consumer, so that no two stages share a stream.
-SALT_OT, SALT_SAMPLE, SALT_FIT, SALT_EVAL, SALT_MARGINAL = 11, 13, 17, 19, 23
+SALT_OT, SALT_SAMPLE, SALT_FIT, SALT_EVAL, SALT_MARGINAL, SALT_FIGURE = 11, 13, 17, 19, 23, 29
 # BrenierSolver fields exposed as ot.<field>; their defaults are the solver's.
 SOLVER_FIELDS = ("learning_rate", "num_iterations", "batch_size", "max_batch_size", "growth", "lr_decay",
                  "window", "tol", "stall_ratio", "floor_factor", "initialisation")

@@ -114,6 +114,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
   finally:
     ctx.close()
   if stage in (None, "eval", "report") and ctx.wd.is_done("eval") and workdir_lib.is_writer():
+    drawn = stages.draw_figures(ctx, results)
+    if drawn is not None:
+      log(f"report: drew {drawn}")
     md, html = report_lib.write_report(ctx.wd.root)
     log(f"report: wrote {md} and {html}")
   return workdir_lib.read_json(ctx.wd.metrics_path)

@@ -10,6 +10,9 @@ sample     :func:`sample` (context, fit)              ``{method: Samples}`` (gri
 eval       :func:`evaluate` (context, ae, samples)    ``metrics.json``
 =========  =========================================  ==============================================
 
+:func:`draw_figures` adds the report's "At a glance" figures once the eval stage is done:
+``samples/methods_panel.png`` for the 2-D toys, ``samples/interpolation.png`` for images.
+
 :class:`Results` hands each stage its inputs: the artifact a stage of this process just returned, or the one
 restored from the workdir (restoring never trains). :func:`run_stage` skips a finished stage (its key matched
 when the workdir was prepared, :meth:`lsot_jax.workdir.Workdir.prepare`) or runs it and writes its marker.
@@ -17,17 +20,23 @@ when the workdir was prepared, :meth:`lsot_jax.workdir.Workdir.prepare`) or runs
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import jax
+import matplotlib
 import ml_collections
 import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lsot_jax import artifacts
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import evaluator
+from lsot_jax import figures
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
 from lsot_jax import report as report_lib
@@ -37,8 +46,8 @@ from lsot_jax import tracking
 from lsot_jax import train
 from lsot_jax import workdir as workdir_lib
 
-__all__ = ["Context", "Results", "STAGE_FNS", "encode", "evaluate", "open_run", "ot_code_index", "run_stage",
-           "sample", "train_ae", "vae_template"]
+__all__ = ["Context", "Results", "STAGE_FNS", "draw_figures", "encode", "evaluate", "open_run",
+           "ot_code_index", "run_stage", "sample", "train_ae", "vae_template"]
 
 
 @dataclasses.dataclass
@@ -333,6 +342,47 @@ def _track_results(ctx: Context, res: Results, metrics: Dict[str, Any]) -> None:
     decoder = samples.decoder or res.autoencoder()
     tracking.write_sample_grid(tracker, f"samples/{method}",
                                decoder.decode(samples.codes[0, :int(ctx.config.sample.grid_size)]))
+
+
+def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
+  """Draws the "At a glance" figure of a run whose eval stage is done, unless its PNG exists (process 0).
+
+  2-D toys: :func:`lsot_jax.figures.methods_panel` of every method's first sample seed over the held-out
+  data, with the power diagram and jump chords of the potential when the codes are the data
+  (``ae.kind='identity'``). Images: :func:`lsot_jax.figures.interpolation_strip` of the exact and extended
+  maps (:func:`lsot_jax.figures.lsot_samplers`, the run's ``sample.angle_threshold``) along the line between
+  two seeded source points, decoded.
+
+  Returns:
+    The PNG's path, or None when not drawn here (another process, or it exists).
+  """
+  path = ctx.wd.root / report_lib.GLANCE_FIGURES["points" if ctx.is_points else "image"][0]
+  if not workdir_lib.is_writer() or path.exists():
+    return None
+  cfg, ae, fit = ctx.config, res.autoencoder(), res.fit()
+  potential, source = fit.potential, fit.problem.source
+  if ctx.is_points:
+    drawn = {}
+    for method in cfg.sample.methods:
+      samples = res.samples(method)
+      drawn[method] = np.asarray((samples.decoder or ae).decode(samples.codes[0]))
+    own = cfg.ae.kind == "identity"
+    labels = ctx.dataset("train").labels
+    colors = labels[res.codes().index] if own and labels is not None else None
+    means, _ = data_lib.toy_modes(cfg.data.name)
+    fig = figures.methods_panel(drawn, ctx.dataset("test").x, potential=potential if own else None,
+                                labels=config_lib.METHOD_LABELS, means=means, cell_colors=colors, path=path,
+                                angle_threshold=cfg.sample.angle_threshold)
+  else:
+    key = config_lib.config_key(cfg, config_lib.SALT_FIGURE)
+    threshold = samplers.lsot_generate_kwargs(cfg, "extended", potential, source)["angle_threshold"]
+    maps = figures.lsot_samplers(potential, angle_threshold=threshold,
+                                 probe=source.sample(jax.random.fold_in(key, 0), 2048))
+    ends = np.asarray(source.sample(jax.random.fold_in(key, 1), 2))
+    fig = figures.interpolation_strip(ae.decode, ends[0], ends[1], maps, steps=10, path=path,
+                                      potential=potential, labels=config_lib.METHOD_LABELS)
+  plt.close(fig)
+  return path
 
 
 # ---------------------------------------------------------------------------------------------------------
