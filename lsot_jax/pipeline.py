@@ -16,8 +16,13 @@ sample     LSOT modes and baselines draw latent codes      ``sample/<method>/`` 
                                                            ``samples/<method>.png``
 eval       decodes, computes the metrics per method        ``eval/methods/<method>.json``,
                                                            ``metrics.json``
-report     writes the report                               ``report.md``, ``report.html``
+report     draws the figure at a glance, writes the report ``samples/methods_panel.png`` (toys) or
+                                                           ``samples/interpolation.png`` (images),
+                                                           ``report.md``, ``report.html``
 =========  ==============================================  ===========================================
+
+With ``log.tensorboard`` the stages also write TensorBoard event files to ``tensorboard/`` (solver
+histories, training losses, final metrics, sample grids); with ``log.progress`` the OT fit logs its progress.
 
 The run lifecycle:
 
