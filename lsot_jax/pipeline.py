@@ -118,10 +118,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
       stages.run_stage(ctx, results, name)
   finally:
     ctx.close()
-  if stage in (None, "eval", "report") and ctx.wd.is_done("eval") and workdir_lib.is_writer():
+  if stage in (None, "eval") and ctx.wd.is_done("eval"):
     drawn = stages.draw_figures(ctx, results)
     if drawn is not None:
       log(f"report: drew {drawn}")
+  if stage in (None, "eval", "report") and ctx.wd.is_done("eval") and workdir_lib.is_writer():
     md, html = report_lib.write_report(ctx.wd.root)
     log(f"report: wrote {md} and {html}")
   return workdir_lib.read_json(ctx.wd.metrics_path)

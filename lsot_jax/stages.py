@@ -353,19 +353,25 @@ def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
   maps (:func:`lsot_jax.figures.lsot_samplers`, the run's ``sample.angle_threshold``) along the line between
   two seeded source points, decoded.
 
+  Every process restores the artifacts (as the stages do); process 0 draws.
+
   Returns:
     The PNG's path, or None when not drawn here (another process, or it exists).
   """
   path = ctx.wd.root / report_lib.GLANCE_FIGURES["points" if ctx.is_points else "image"][0]
-  if not workdir_lib.is_writer() or path.exists():
+  if path.exists():
     return None
   cfg, ae, fit = ctx.config, res.autoencoder(), res.fit()
   potential, source = fit.potential, fit.problem.source
+  drawn = {}
   if ctx.is_points:
-    drawn = {}
     for method in cfg.sample.methods:
       samples = res.samples(method)
       drawn[method] = np.asarray((samples.decoder or ae).decode(samples.codes[0]))
+  if not workdir_lib.is_writer():
+    return None
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if ctx.is_points:
     own = cfg.ae.kind == "identity"
     labels = ctx.dataset("train").labels
     colors = labels[res.codes().index] if own and labels is not None else None
