@@ -3,12 +3,13 @@
 :func:`fit_ot` runs the solver of ``ot.solver`` in chunks of ``ot.checkpoint_every`` steps (a Newton step
 per chunk), sharded over ``ot.num_devices`` (checkpoints hold the unsharded state, so a run resumes on any
 device count), stops with :class:`lsot_jax.config.OTDiverged` on NaN/Inf, then measures the final marginal
-error on ``ot.marginal_samples`` source points. With ``log.progress`` a
-:class:`lsot_jax.tracking.ProgressLogger` shows the solver's progress every ``log.progress_every`` steps
-(the solver's ``callback``; it does not change the result); with a tracker, each chunk's per-step histories
-go to ``ot/...`` scalars and the final marginal errors to ``ot/final/...``. A useless fit (:func:`check_fit`: L1 error above
+error on ``ot.marginal_samples`` source points. A useless fit (:func:`check_fit`: L1 error above
 :data:`USELESS_L1` or one cell holding more than :data:`USELESS_CELL_MASS` of the mass) stops the run with
 :class:`lsot_jax.config.OTFitUseless`; an unconverged one is reported as such.
+
+With ``log.progress`` a :class:`lsot_jax.tracking.ProgressLogger` shows the solver's progress every
+``log.progress_every`` steps (the solver's ``callback``; it does not change the result); with a tracker,
+each chunk's per-step histories go to ``ot/...`` scalars and the final marginal errors to ``ot/final/...``.
 """
 from __future__ import annotations
 
