@@ -270,8 +270,8 @@ def _image_sections(workdir: pathlib.Path, metrics: Dict[str, Any]) -> List[Tupl
 # The "At a glance" figure of each kind of data, ``kind -> (path relative to the workdir, caption)``; drawn
 # by :func:`lsot_jax.stages.draw_figures`.
 GLANCE_FIGURES = {
-    "points": ("samples/methods_panel.png", "All methods side by side: the held-out data, each method's samples "
-               "(grey: the data) and, when the codes are the data, the potential's source cells"),
+    "points": ("samples/methods_panel.png", "All methods side by side: the held-out data, each method's "
+               "samples (grey: the data) and, when the codes are the data, the potential's source cells"),
     "image": ("samples/interpolation.png", "The exact and extended maps along a line between two source "
               "points, decoded (red: the exact map changes cell)"),
 }

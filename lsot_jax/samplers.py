@@ -140,8 +140,8 @@ def _sinkhorn(inp: SamplerInputs) -> Sampler:
 def _wgan_gp(inp: SamplerInputs) -> Sampler:
   sm = inp.config.sample
   params = baselines.train_wgan_gp(inp.fit_key, np.asarray(inp.fit.problem.y), int(sm.wgan_steps),
-                                   batch_size=int(sm.wgan_batch_size), learning_rate=float(sm.wgan_learning_rate),
-                                   tracker=inp.tracker)
+                                   batch_size=int(sm.wgan_batch_size),
+                                   learning_rate=float(sm.wgan_learning_rate), tracker=inp.tracker)
   num = int(sm.num_samples)
   return Sampler(lambda key: _WGAN_GP(params, key, num), {})
 

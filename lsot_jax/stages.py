@@ -324,8 +324,9 @@ def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _track_results(ctx: Context, res: Results, metrics: Dict[str, Any]) -> None:
-  """Writes the final metrics (``final/...`` at step 0; the setting's config fields left out) and one sample grid per method (``samples/<method>``:
-  the decoded grid for images, the scatter plot ``samples/<method>.png`` for points) to the tracker."""
+  """Writes the final metrics (``final/...`` at step 0; the setting's config fields left out) and one
+  sample grid per method (``samples/<method>``: the decoded grid for images, the scatter plot
+  ``samples/<method>.png`` for points) to the tracker."""
   tracker = ctx.tracker
   if isinstance(tracker, tracking.NullTracker):
     return

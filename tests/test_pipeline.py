@@ -131,7 +131,8 @@ def test_end_to_end_then_rerun_skips_every_stage(tmp_path, finished):
 
   assert "ot: not converged" in " ".join(lines) and "did not converge" in md  # 40 steps are not enough
   # The progress callback's lines (every solver.callback_every = 10 steps) and the same fit as without it.
-  shown = [int(m.group(1)) for m in (re.match(r"ot: step (\d+)/40 energy=\S+ l1=\S+ lr=", x) for x in lines) if m]
+  matches = (re.match(r"ot: step (\d+)/40 energy=\S+ l1=\S+ lr=", line) for line in lines)
+  shown = [int(m.group(1)) for m in matches if m]
   assert shown == [10, 20, 30, 40]
   assert history == json.loads((finished[1] / "ot/history.json").read_text())
   # TensorBoard: the solver's per-step histories, the final errors and metrics, a grid per method.
