@@ -32,9 +32,10 @@ from lsot_jax import sources
 from lsot_jax import train
 
 __all__ = [
-    "AE_KINDS", "BASELINE_METHODS", "ConfigMismatchError", "FEATURE_SPACES", "LOCATION_FIELDS",
+    "AE_KINDS", "BASELINE_METHODS", "ConfigMismatchError", "FEATURE_SPACES", "LOCATION_FIELDS", "LOG_FIELDS",
     "LSOT_METHODS", "METHODS", "METHOD_LABELS", "NEWTON_FIELDS", "OTDiverged", "OTFitUseless",
-    "OT_SOLVERS", "PipelineError", "REFIT_STAGES", "SALT_EVAL", "SALT_FIT", "SALT_MARGINAL", "SALT_OT",
+    "OT_SOLVERS", "PipelineError", "REFIT_STAGES", "SALT_EVAL", "SALT_FIGURE", "SALT_FIT", "SALT_MARGINAL",
+    "SALT_OT",
     "SALT_SAMPLE", "SCAN_FIELDS", "SOLVER_FIELDS", "STAGES", "STAGE_INPUTS", "SampleSettings",
     "adam_solver", "ae_model_config", "ae_train_config", "as_plain", "check_devices", "classifier_train_config",
     "config_diff", "config_from_dict", "config_key", "default_config", "device_count", "flatten", "mesh_for",
@@ -68,7 +69,7 @@ FEATURE_SPACES = ("points", "classifier", "pixels")
 OT_SOLVERS = ("newton", "adam")
 
 # Salts folded into the seed key, one per consumer, so that no two stages share a stream.
-SALT_OT, SALT_SAMPLE, SALT_FIT, SALT_EVAL, SALT_MARGINAL = 11, 13, 17, 19, 23
+SALT_OT, SALT_SAMPLE, SALT_FIT, SALT_EVAL, SALT_MARGINAL, SALT_FIGURE = 11, 13, 17, 19, 23, 29
 # BrenierSolver fields exposed as ot.<field>; their defaults are the solver's.
 SOLVER_FIELDS = ("learning_rate", "num_iterations", "batch_size", "max_batch_size", "growth", "lr_decay",
                  "window", "tol", "stall_ratio", "floor_factor", "initialisation")
@@ -81,6 +82,9 @@ _NEWTON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(newton_lib.New
 # Fields that say where things are or run, not what is computed: they may change between reruns of one
 # workdir (a run may resume on another number of devices; the classifier cache may move).
 LOCATION_FIELDS = ("data.data_dir", "ae.num_devices", "ot.num_devices", "eval.classifier_dir")
+# Fields that say what a run shows while it runs (progress, TensorBoard), not what it computes: like the
+# location fields they enter no stage key, so changing them reruns and refuses nothing.
+LOG_FIELDS = ("log.tensorboard", "log.progress", "log.progress_every", "log.progress_seconds")
 # Autoencoder training fields that ``--scan`` may vary: traced (vmapped in one training) and static (one
 # vmapped training per group of values).
 AE_SCAN_TRACED = ("learning_rate", "weight_decay", "code_penalty")
@@ -203,6 +207,14 @@ def default_config() -> ml_collections.ConfigDict:
       points for its threshold, each against the whole training set.
     eval.k: neighbours for precision/recall/density/coverage.
     eval.classifier_*: classifier training; ``classifier_dir`` shares a cached classifier between runs.
+    log.tensorboard: write TensorBoard event files (solver histories, training losses, final metrics,
+      sample grids) under ``<workdir>/tensorboard/`` (process 0 only); ``tensorboard --logdir`` on it.
+    log.progress: show the OT solver's progress (:class:`lsot_jax.tracking.ProgressLogger`: a bar on a
+      terminal, log lines otherwise).
+    log.progress_every: solver steps between two progress records; 0: the solver's own default
+      (``callback_every``: 10 for adam, 1 for newton).
+    log.progress_seconds: seconds between two progress log lines without a terminal (0: every record).
+    The ``log.*`` fields enter no stage key (:data:`LOG_FIELDS`): changing them reruns nothing.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -264,6 +276,12 @@ def default_config() -> ml_collections.ConfigDict:
       classifier_batch_size=128,
       classifier_learning_rate=2e-3,
       classifier_dir=config_dict.placeholder(str),
+  ))
+  c.log = ml_collections.ConfigDict(dict(
+      tensorboard=True,
+      progress=True,
+      progress_every=0,
+      progress_seconds=30.0,
   ))
   return c
 
@@ -547,6 +565,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       bad("sample.num_samples", sm.num_samples, f"metric {name!r} needs at least {needed[name]} samples")
   if "gmm" in settings.methods and ot.num_codes and ot.num_codes < settings.gmm_components:
     bad("ot.num_codes", ot.num_codes, f"the GMM needs at least {settings.gmm_components} codes")
+  lg = config.log
+  for field in ("tensorboard", "progress"):
+    if not isinstance(lg[field], bool):
+      bad(f"log.{field}", lg[field], "use True or False")
+  if isinstance(lg.progress_every, bool) or not isinstance(lg.progress_every, int) or lg.progress_every < 0:
+    bad("log.progress_every", lg.progress_every, "must be an integer >= 0 (0: the solver's default)")
+  if not lg.progress_seconds >= 0:
+    bad("log.progress_seconds", lg.progress_seconds, "must be >= 0 seconds (0 logs every record)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,9 +607,11 @@ def sample_key(config: ml_collections.ConfigDict, method: str, seed: int) -> jax
 def stage_fields(config: ml_collections.ConfigDict, stage: str) -> Dict[str, Any]:
   """The config fields ``stage`` itself reads (not those of the stages it consumes), as ``{dotted: value}``.
 
-  Location fields (:data:`LOCATION_FIELDS`) are left out: they do not change what is computed.
+  Location fields (:data:`LOCATION_FIELDS`) and log fields (:data:`LOG_FIELDS`) are left out: they do not
+  change what is computed.
   """
-  flat = {k: v for k, v in flatten(as_plain(config)).items() if k not in LOCATION_FIELDS}
+  excluded = set(LOCATION_FIELDS) | set(LOG_FIELDS)
+  flat = {k: v for k, v in flatten(as_plain(config)).items() if k not in excluded}
 
   def section(prefix):
     return {k: v for k, v in flat.items() if k.startswith(prefix)}

@@ -21,6 +21,7 @@ from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
+from lsot_jax import tracking
 from lsot_jax import train
 from lsot_jax import workdir as workdir_lib
 
@@ -48,8 +49,10 @@ def pixel_features(pool: int) -> Features:
 
 
 def classifier_features(config: ml_collections.ConfigDict, train_set: data_lib.Dataset,
-                        test_set: data_lib.Dataset, folder: pathlib.Path) -> Tuple[Features, float]:
-  """The evaluation classifier's penultimate features, trained in ``folder`` (or restored from it).
+                        test_set: data_lib.Dataset, folder: pathlib.Path,
+                        tracker: Optional[tracking.Tracker] = None) -> Tuple[Features, float]:
+  """The evaluation classifier's penultimate features, trained in ``folder`` (or restored from it); its
+  training losses go to ``tracker`` (None: nowhere).
 
   ``eval.classifier_dir``, when set, replaces ``folder`` (a cache shared between runs); its ``spec.json``
   records what it was trained for, and a classifier of another setting is refused.
@@ -83,20 +86,22 @@ def classifier_features(config: ml_collections.ConfigDict, train_set: data_lib.D
   model_cfg = models.ClassifierConfig(kind="cnn", input_shape=train_set.example_shape, num_classes=num_classes)
   graphdef, params, accuracy = train.train_classifier(
       train_set.x, train_set.labels, test_set.x, test_set.labels, model_cfg, str(cdir / "ckpt"),
-      config_lib.classifier_train_config(config), log_path=str(cdir / "metrics.jsonl"))
+      config_lib.classifier_train_config(config), log_path=str(cdir / "metrics.jsonl"), tracker=tracker)
   fn = jax.jit(lambda p, x: models.classifier_features(graphdef, p, x))
   return (lambda x: train.batched_apply(lambda xb: fn(params, xb), np.asarray(x, np.float32),
                                         batch_size=1024)), accuracy
 
 
 def feature_fn(config: ml_collections.ConfigDict, train_set: data_lib.Dataset, test_set: data_lib.Dataset,
-               folder: pathlib.Path) -> Tuple[Features, Dict[str, Any]]:
-  """The feature space of ``eval.feature_space``: ``(features, extra facts for metrics.json)``."""
+               folder: pathlib.Path, tracker: Optional[tracking.Tracker] = None
+               ) -> Tuple[Features, Dict[str, Any]]:
+  """The feature space of ``eval.feature_space``: ``(features, extra facts for metrics.json)``; a classifier
+  trained for it writes its losses to ``tracker`` (None: nowhere)."""
   space = config.eval.feature_space
   if space == "points":
     return point_features, {}
   if space == "classifier":
-    features, accuracy = classifier_features(config, train_set, test_set, folder)
+    features, accuracy = classifier_features(config, train_set, test_set, folder, tracker=tracker)
     return features, {"classifier_test_accuracy": accuracy}
   return pixel_features(int(config.eval.pixel_pool)), {}
 

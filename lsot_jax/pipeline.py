@@ -16,8 +16,13 @@ sample     LSOT modes and baselines draw latent codes      ``sample/<method>/`` 
                                                            ``samples/<method>.png``
 eval       decodes, computes the metrics per method        ``eval/methods/<method>.json``,
                                                            ``metrics.json``
-report     writes the report                               ``report.md``, ``report.html``
+report     draws the figure at a glance, writes the report ``samples/methods_panel.png`` (toys) or
+                                                           ``samples/interpolation.png`` (images),
+                                                           ``report.md``, ``report.html``
 =========  ==============================================  ===========================================
+
+With ``log.tensorboard`` the stages also write TensorBoard event files to ``tensorboard/`` (solver
+histories, training losses, final metrics, sample grids); with ``log.progress`` the OT fit logs its progress.
 
 The run lifecycle:
 
@@ -108,8 +113,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
                           f"--stage (or with --stage {missing[0]}).")
   selected = STAGES[:-1] if stage is None else tuple(s for s in (stage,) if s != "report")
   results = stages.Results(ctx)
-  for name in selected:
-    stages.run_stage(ctx, results, name)
+  try:
+    for name in selected:
+      stages.run_stage(ctx, results, name)
+  finally:
+    ctx.close()
+  if stage in (None, "eval") and ctx.wd.is_done("eval"):
+    drawn = stages.draw_figures(ctx, results)
+    if drawn is not None:
+      log(f"report: drew {drawn}")
   if stage in (None, "eval", "report") and ctx.wd.is_done("eval") and workdir_lib.is_writer():
     md, html = report_lib.write_report(ctx.wd.root)
     log(f"report: wrote {md} and {html}")

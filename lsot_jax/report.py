@@ -9,7 +9,8 @@ Plot helpers write PNG files (matplotlib with the Agg backend, or PIL for image 
 
 :func:`write_report` reads what the pipeline left in a workdir (``metrics.json``, ``ot/history.json``,
 ``ot/convergence.png``, ``ae/recon.png``, ``samples/*.png``, ``eval/*_nn.png``; the layout is
-:mod:`lsot_jax.workdir`'s) and writes the two report files next to it.
+:mod:`lsot_jax.workdir`'s) and writes the two report files next to it; the figures of
+:data:`GLANCE_FIGURES` that exist make its "At a glance" section, after the metrics table.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from lsot_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 __all__ = [
+    "GLANCE_FIGURES",
     "metrics_table",
     "plot_convergence",
     "save_image_grid",
@@ -265,6 +267,16 @@ def _image_sections(workdir: pathlib.Path, metrics: Dict[str, Any]) -> List[Tupl
   return figures
 
 
+# The "At a glance" figure of each kind of data, ``kind -> (path relative to the workdir, caption)``; drawn
+# by :func:`lsot_jax.stages.draw_figures`.
+GLANCE_FIGURES = {
+    "points": ("samples/methods_panel.png", "All methods side by side: the held-out data, each method's "
+               "samples (grey: the data) and, when the codes are the data, the potential's source cells"),
+    "image": ("samples/interpolation.png", "The exact and extended maps along a line between two source "
+              "points, decoded (red: the exact map changes cell)"),
+}
+
+
 def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path]:
   """Writes ``report.md`` and ``report.html`` in ``workdir`` from the pipeline's outputs.
 
@@ -331,6 +343,11 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
   md += ["| " + " | ".join(r) + " |" for r in rows]
   md += ["", "↑ higher is better, ↓ lower is better. Memorisation rate: share of samples closer to a training "
          "example than the median held-out example is (about 0.5 for fresh samples, 1 for copies).", ""]
+  glance = [(caption, rel) for rel, caption in GLANCE_FIGURES.values() if (workdir / rel).exists()]
+  if glance:
+    md += ["## At a glance", ""]
+    for caption, rel in glance:
+      md += [f"![{caption}]({rel})", "", caption, ""]
   if history is not None:
     md += ["## OT convergence", "", "![OT convergence](ot/convergence.png)", ""]
   md += ["## Figures", ""]
@@ -349,6 +366,9 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
   page += ["</ul><h2>Metrics</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
   page += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
   page += ["</table>"]
+  if glance:
+    page += ["<h2>At a glance</h2>"]
+    page += [f"<p><img src='{esc(rel)}' alt='{esc(caption)}'><br>{esc(caption)}</p>" for caption, rel in glance]
   if history is not None:
     page += ["<h2>OT convergence</h2><img src='ot/convergence.png' alt='OT convergence'>"]
   page += ["<h2>Figures</h2>"]

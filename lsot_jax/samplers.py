@@ -20,6 +20,7 @@ from lsot_jax import generate
 from lsot_jax import ott_interop
 from lsot_jax import solver as solver_lib
 from lsot_jax import stage_ot
+from lsot_jax import tracking
 from lsot_jax import train
 
 __all__ = ["SAMPLERS", "Sampler", "SamplerInputs", "lsot_generate_kwargs"]
@@ -47,6 +48,7 @@ class SamplerInputs:
     train_x: the training data [N, ...] (the VAE trains on it).
     vae_dir: the VAE's checkpoint folder.
     vae_log: the VAE's JSON-lines log.
+    tracker: where the trained baselines' losses go (``wgan_gp/...``, ``vae/...``); None writes nothing.
   """
 
   config: ml_collections.ConfigDict
@@ -55,6 +57,7 @@ class SamplerInputs:
   train_x: np.ndarray
   vae_dir: str
   vae_log: str
+  tracker: Optional[tracking.Tracker] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,8 @@ def _sinkhorn(inp: SamplerInputs) -> Sampler:
 def _wgan_gp(inp: SamplerInputs) -> Sampler:
   sm = inp.config.sample
   params = baselines.train_wgan_gp(inp.fit_key, np.asarray(inp.fit.problem.y), int(sm.wgan_steps),
-                                   batch_size=int(sm.wgan_batch_size), learning_rate=float(sm.wgan_learning_rate))
+                                   batch_size=int(sm.wgan_batch_size),
+                                   learning_rate=float(sm.wgan_learning_rate), tracker=inp.tracker)
   num = int(sm.num_samples)
   return Sampler(lambda key: _WGAN_GP(params, key, num), {})
 
@@ -160,7 +164,7 @@ def _vae(inp: SamplerInputs) -> Sampler:
   graphdef, params, _ = train.train_vae(
       inp.train_x, config_lib.ae_model_config(config, inp.train_x.shape[1:], kind), inp.vae_dir,
       config_lib.ae_train_config(config, config.sample.vae_epochs), beta=float(config.sample.vae_beta),
-      log_path=inp.vae_log, progress=False)
+      log_path=inp.vae_log, progress=False, tracker=inp.tracker)
   num, dim = int(config.sample.num_samples), int(config.ae.latent_dim)
   return Sampler(lambda key: _NORMAL(key, (num, dim)), {}, artifacts.Autoencoder(graphdef, params))
 

@@ -398,8 +398,11 @@ def run_scan(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if _is_ae_scan(parsed):
     return _run_ae_scan(ctx, parsed, log)
   results = stages.Results(ctx)
-  for name in ("ae", "encode"):
-    stages.run_stage(ctx, results, name)
+  try:
+    for name in ("ae", "encode"):
+      stages.run_stage(ctx, results, name)
+  finally:
+    ctx.close()
   problem = stage_ot.make_problem(config, results.codes())
   # Scans vmap the Adam solver over its fields (ot.*), whatever ot.solver the run's own OT stage uses.
   solver = config_lib.adam_solver(config)

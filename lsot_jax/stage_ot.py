@@ -6,12 +6,17 @@ device count), stops with :class:`lsot_jax.config.OTDiverged` on NaN/Inf, then m
 error on ``ot.marginal_samples`` source points. A useless fit (:func:`check_fit`: L1 error above
 :data:`USELESS_L1` or one cell holding more than :data:`USELESS_CELL_MASS` of the mass) stops the run with
 :class:`lsot_jax.config.OTFitUseless`; an unconverged one is reported as such.
+
+With ``log.progress`` a :class:`lsot_jax.tracking.ProgressLogger` shows the solver's progress every
+``log.progress_every`` steps (the solver's ``callback``; it does not change the result); with a tracker,
+each chunk's per-step histories go to ``ot/...`` scalars and the final marginal errors to ``ot/final/...``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +30,11 @@ from lsot_jax import report as report_lib
 from lsot_jax import sharding
 from lsot_jax import solver as solver_lib
 from lsot_jax import sources
+from lsot_jax import tracking
 from lsot_jax import workdir as workdir_lib
 
 __all__ = ["USELESS_CELL_MASS", "USELESS_L1", "check_fit", "fit_ot", "load_fit", "make_problem",
-           "marginal_errors"]
+           "marginal_errors", "progress_solver"]
 
 # A fit whose L1 marginal error (at most 2) exceeds this, or whose largest cell holds more than this share
 # of the source mass, is useless: generation from it would collapse onto few codes.
@@ -106,6 +112,33 @@ def _history(solver: Any, state: Any) -> Dict[str, Any]:
   }
 
 
+class _LineLogger:
+  """A ``logging.Logger`` stand-in for :class:`lsot_jax.tracking.ProgressLogger` that hands its lines to the
+  stage's ``log``."""
+
+  def __init__(self, log: Callable[[str], None]):
+    self._log = log
+
+  def info(self, message: str, *args: Any) -> None:
+    self._log(message % args if args else message)
+
+
+def progress_solver(config: ml_collections.ConfigDict, solver: Any, log: Callable[[str], None]
+                    ) -> Tuple[Any, Optional[tracking.ProgressLogger]]:
+  """``solver`` with the progress callback of ``log.*`` set, and that callback (None without progress).
+
+  The :class:`lsot_jax.tracking.ProgressLogger` (one per stage run: a new callback object compiles anew)
+  writes its lines to ``log`` without a terminal, every ``log.progress_every`` steps (0: the solver's
+  ``callback_every``), at most one per ``log.progress_seconds``.
+  """
+  if not config.log.progress:
+    return solver, None
+  progress = tracking.ProgressLogger(total=solver.num_iterations, desc="ot",
+                                     log_every_s=float(config.log.progress_seconds), logger=_LineLogger(log))
+  every = int(config.log.progress_every) or solver.callback_every
+  return dataclasses.replace(solver, callback=progress, callback_every=every), progress
+
+
 def check_fit(config: ml_collections.ConfigDict, summary: Dict[str, Any], folder: str) -> None:
   """Stops the run on a useless fit (see the module docstring).
 
@@ -126,8 +159,17 @@ def check_fit(config: ml_collections.ConfigDict, summary: Dict[str, Any], folder
 
 
 def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: artifacts.Codes,
-           log: Callable[[str], None]) -> Tuple[artifacts.OTFit, Dict[str, Any]]:
+           log: Callable[[str], None], tracker: Optional[tracking.Tracker] = None
+           ) -> Tuple[artifacts.OTFit, Dict[str, Any]]:
   """Runs (or resumes) the OT fit of the codes.
+
+  Args:
+    config: the run's config.
+    wd: the workdir.
+    codes: the encoded training set.
+    log: takes one line (progress lines included).
+    tracker: where the solver histories (``ot/<name>`` at each step) and the final marginal errors
+      (``ot/final/<name>``) go; None writes nothing.
 
   Returns:
     ``(fit, summary)``: the fit, and the facts of ``DONE.json`` (iterations, convergence, marginal errors).
@@ -141,17 +183,19 @@ def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: ar
   state = wd.restore_ot_state(solver.init(problem))
   if int(state.it):
     log(f"ot: resuming from solver step {int(state.it)}")
+  written = int(state.it)
+  shown, progress = progress_solver(config, solver, log)
   rng = config_lib.config_key(config, config_lib.SALT_OT)
   n = problem.num_targets
   mesh = config_lib.mesh_for(config, "ot.num_devices")
   if mesh is None:
-    run_problem, run_solver = problem, solver
+    run_problem, run_solver = problem, shown
     to_device = from_device = lambda s: s  # pylint: disable=unnecessary-lambda-assignment
   else:
     # The solver runs on the padded, sharded problem; checkpoints and the rest of the stage see the unpadded
     # state (replicated), so a later run may resume on any device count.
     run_problem = sharding.shard_problem(problem, mesh)
-    run_solver = sharding.make_sharded_solver(solver, mesh)
+    run_solver = sharding.make_sharded_solver(shown, mesh)
     size = run_problem.num_targets
     def to_device(s):
       return sharding.place_state(sharding.pad_state(s, size), mesh)
@@ -168,6 +212,7 @@ def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: ar
       if not _finished(solver, problem, state):
         device_state = run_fn(run_solver, rng, run_problem, device_state, num_steps=chunk)
         state = from_device(device_state)
+        written = tracking.write_solver_history(tracker, state, "ot", start=written)
       it = int(state.it)
       if bool(state.diverged) or not bool(jnp.all(jnp.isfinite(state.h))):
         raise config_lib.OTDiverged(max(it - 1, 0), str(ckpt.directory), ckpt.latest_step())
@@ -175,9 +220,13 @@ def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: ar
       if _finished(solver, problem, state):
         break
       log(_progress(solver, state))
+  jax.effects_barrier()
+  if progress is not None:
+    progress.close()
   fit = artifacts.OTFit(problem, solver, state)
   errs = marginal_errors(fit.potential, config_lib.config_key(config, config_lib.SALT_MARGINAL), problem.source,
                          problem.weights, num_samples=int(config.ot.marginal_samples))
+  tracking.write_metrics(tracker, int(state.it), {k: float(v) for k, v in errs.items()}, "ot/final")
   history = {"iterations": int(state.it), "converged": bool(state.converged), **_history(solver, state),
              "num_codes": n, **{f"marginal_{k}": float(v) for k, v in errs.items() if k != "max_cell_mass"},
              "max_cell_mass": float(errs["max_cell_mass"])}

@@ -10,6 +10,9 @@ sample     :func:`sample` (context, fit)              ``{method: Samples}`` (gri
 eval       :func:`evaluate` (context, ae, samples)    ``metrics.json``
 =========  =========================================  ==============================================
 
+:func:`draw_figures` adds the report's "At a glance" figures once the eval stage is done:
+``samples/methods_panel.png`` for the 2-D toys, ``samples/interpolation.png`` for images.
+
 :class:`Results` hands each stage its inputs: the artifact a stage of this process just returned, or the one
 restored from the workdir (restoring never trains). :func:`run_stage` skips a finished stage (its key matched
 when the workdir was prepared, :meth:`lsot_jax.workdir.Workdir.prepare`) or runs it and writes its marker.
@@ -17,27 +20,34 @@ when the workdir was prepared, :meth:`lsot_jax.workdir.Workdir.prepare`) or runs
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import jax
+import matplotlib
 import ml_collections
 import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lsot_jax import artifacts
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import evaluator
+from lsot_jax import figures
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
 from lsot_jax import report as report_lib
 from lsot_jax import samplers
 from lsot_jax import stage_ot
+from lsot_jax import tracking
 from lsot_jax import train
 from lsot_jax import workdir as workdir_lib
 
-__all__ = ["Context", "Results", "STAGE_FNS", "encode", "evaluate", "open_run", "ot_code_index", "run_stage",
-           "sample", "train_ae", "vae_template"]
+__all__ = ["Context", "Results", "STAGE_FNS", "draw_figures", "encode", "evaluate", "open_run",
+           "ot_code_index", "run_stage", "sample", "train_ae", "vae_template"]
 
 
 @dataclasses.dataclass
@@ -54,6 +64,23 @@ class Context:
   wd: workdir_lib.Workdir
   log: Callable[[str], None]
   _data: Dict[str, data_lib.Dataset] = dataclasses.field(default_factory=dict)
+  _tracker: Optional[tracking.Tracker] = None
+
+  @property
+  def tracker(self) -> tracking.Tracker:
+    """The run's tracker, made on first use: TensorBoard event files in ``<workdir>/tensorboard/`` with
+    ``log.tensorboard`` on process 0 (:func:`lsot_jax.workdir.is_writer`), else a
+    :class:`lsot_jax.tracking.NullTracker`."""
+    if self._tracker is None:
+      on = bool(self.config.log.tensorboard) and workdir_lib.is_writer()
+      self._tracker = tracking.make_tracker(str(self.wd.root / "tensorboard") if on else None)
+    return self._tracker
+
+  def close(self) -> None:
+    """Flushes and closes the tracker (if one was made); a later use makes a new one."""
+    if self._tracker is not None:
+      self._tracker.close()
+      self._tracker = None
 
   @property
   def is_points(self) -> bool:
@@ -131,7 +158,7 @@ def train_ae(ctx: Context) -> tuple[artifacts.Autoencoder, Dict[str, Any]]:
   graphdef, params, history = train.train_autoencoder(
       ds.x, config_lib.ae_model_config(cfg, ds.example_shape), wd.ckpt_dir("ae", "ckpt"),
       config_lib.ae_train_config(cfg), code_penalty=float(cfg.ae.code_penalty),
-      log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh)
+      log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh, tracker=ctx.tracker)
   ae = artifacts.Autoencoder(graphdef, params)
   recon = ae.decode(ae.encode(test.x))
   test_mse = float(np.mean(np.square(recon - test.x)))
@@ -201,7 +228,8 @@ def sample(ctx: Context, fit: artifacts.OTFit, ae: artifacts.Autoencoder) -> Dic
     start = time.perf_counter()
     inputs = samplers.SamplerInputs(
         cfg, fit, config_lib.config_key(cfg, config_lib.SALT_FIT, config_lib.METHODS.index(method)),
-        ctx.dataset("train").x, wd.ckpt_dir("sample", "vae_train"), str(wd.path("sample", "vae_metrics.jsonl")))
+        ctx.dataset("train").x, wd.ckpt_dir("sample", "vae_train"), str(wd.path("sample", "vae_metrics.jsonl")),
+        ctx.tracker)
     sampler = samplers.SAMPLERS[method](inputs)
     draws = np.stack([np.asarray(sampler.draw(config_lib.sample_key(cfg, method, s)), np.float32)
                       for s in range(int(cfg.sample.num_seeds))])
@@ -235,7 +263,8 @@ def evaluate(ctx: Context, ae: artifacts.Autoencoder,
   cfg, wd = ctx.config, ctx.wd
   names = tuple(cfg.eval.metrics)
   test, train_x = ctx.dataset("test"), ctx.dataset("train").x
-  features, extra = evaluator.feature_fn(cfg, ctx.dataset("train"), test, wd.root / "eval" / "classifier")
+  features, extra = evaluator.feature_fn(cfg, ctx.dataset("train"), test, wd.root / "eval" / "classifier",
+                                         tracker=ctx.tracker)
   if "classifier_test_accuracy" in extra:
     ctx.log(f"eval: classifier test accuracy {extra['classifier_test_accuracy']:.4f}")
   real = features(test.x[:int(cfg.eval.num_real) or test.num_examples])
@@ -269,7 +298,7 @@ def evaluate(ctx: Context, ae: artifacts.Autoencoder,
   return {"methods": results, **extra}
 
 
-def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> None:
+def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> Dict[str, Any]:
   cfg, wd = ctx.config, ctx.wd
   stage_info = {s: wd.done(s) for s in config_lib.STAGES[:4]}
   keys = config_lib.stage_keys(cfg)
@@ -291,6 +320,76 @@ def _write_metrics(ctx: Context, eval_out: Dict[str, Any]) -> None:
   if "classifier_test_accuracy" in eval_out:
     out["classifier_test_accuracy"] = eval_out["classifier_test_accuracy"]
   workdir_lib.write_json(wd.metrics_path, out, sort_keys=False)
+  return out
+
+
+def _track_results(ctx: Context, res: Results, metrics: Dict[str, Any]) -> None:
+  """Writes the final metrics (``final/...`` at step 0; the setting's config fields left out) and one
+  sample grid per method (``samples/<method>``: the decoded grid for images, the scatter plot
+  ``samples/<method>.png`` for points) to the tracker."""
+  tracker = ctx.tracker
+  if isinstance(tracker, tracking.NullTracker):
+    return
+  tracking.write_metrics(tracker, 0, {k: v for k, v in metrics.items() if k != "setting"}, "final")
+  for method in ctx.config.sample.methods:
+    if ctx.is_points:
+      path = ctx.wd.grid_path(method)
+      if path.is_file():
+        from PIL import Image  # pylint: disable=import-outside-toplevel
+        with Image.open(path) as image:
+          tracker.image(f"samples/{method}", 0, np.asarray(image.convert("RGB")))
+      continue
+    samples = res.samples(method)
+    decoder = samples.decoder or res.autoencoder()
+    tracking.write_sample_grid(tracker, f"samples/{method}",
+                               decoder.decode(samples.codes[0, :int(ctx.config.sample.grid_size)]))
+
+
+def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
+  """Draws the "At a glance" figure of a run whose eval stage is done, unless its PNG exists (process 0).
+
+  2-D toys: :func:`lsot_jax.figures.methods_panel` of every method's first sample seed over the held-out
+  data, with the power diagram and jump chords of the potential when the codes are the data
+  (``ae.kind='identity'``). Images: :func:`lsot_jax.figures.interpolation_strip` of the exact and extended
+  maps (:func:`lsot_jax.figures.lsot_samplers`, the run's ``sample.angle_threshold``) along the line between
+  two seeded source points, decoded.
+
+  Every process restores the artifacts (as the stages do); process 0 draws.
+
+  Returns:
+    The PNG's path, or None when not drawn here (another process, or it exists).
+  """
+  path = ctx.wd.root / report_lib.GLANCE_FIGURES["points" if ctx.is_points else "image"][0]
+  if path.exists():
+    return None
+  cfg, ae, fit = ctx.config, res.autoencoder(), res.fit()
+  potential, source = fit.potential, fit.problem.source
+  drawn = {}
+  if ctx.is_points:
+    for method in cfg.sample.methods:
+      samples = res.samples(method)
+      drawn[method] = np.asarray((samples.decoder or ae).decode(samples.codes[0]))
+  if not workdir_lib.is_writer():
+    return None
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if ctx.is_points:
+    own = cfg.ae.kind == "identity"
+    labels = ctx.dataset("train").labels
+    colors = labels[res.codes().index] if own and labels is not None else None
+    means, _ = data_lib.toy_modes(cfg.data.name)
+    fig = figures.methods_panel(drawn, ctx.dataset("test").x, potential=potential if own else None,
+                                labels=config_lib.METHOD_LABELS, means=means, cell_colors=colors, path=path,
+                                angle_threshold=cfg.sample.angle_threshold)
+  else:
+    key = config_lib.config_key(cfg, config_lib.SALT_FIGURE)
+    threshold = samplers.lsot_generate_kwargs(cfg, "extended", potential, source)["angle_threshold"]
+    maps = figures.lsot_samplers(potential, angle_threshold=threshold,
+                                 probe=source.sample(jax.random.fold_in(key, 0), 2048))
+    ends = np.asarray(source.sample(jax.random.fold_in(key, 1), 2))
+    fig = figures.interpolation_strip(ae.decode, ends[0], ends[1], maps, steps=10, path=path,
+                                      potential=potential, labels=config_lib.METHOD_LABELS)
+  plt.close(fig)
+  return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +409,7 @@ def _run_encode(ctx: Context, res: Results) -> Dict[str, Any]:
 
 
 def _run_ot(ctx: Context, res: Results) -> Dict[str, Any]:
-  fit, summary = stage_ot.fit_ot(ctx.config, ctx.wd, res.codes(), ctx.log)
+  fit, summary = stage_ot.fit_ot(ctx.config, ctx.wd, res.codes(), ctx.log, tracker=ctx.tracker)
   res.put("ot", fit)
   return summary
 
@@ -320,7 +419,7 @@ def _run_sample(ctx: Context, res: Results) -> Dict[str, Any]:
 
 
 def _run_eval(ctx: Context, res: Results) -> Optional[Dict[str, Any]]:
-  _write_metrics(ctx, evaluate(ctx, res.autoencoder(), res.samples))
+  _track_results(ctx, res, _write_metrics(ctx, evaluate(ctx, res.autoencoder(), res.samples)))
   return None
 
 

@@ -6,7 +6,9 @@ A workdir holds::
   <stage>/DONE.json             the one completion marker of a stage: its key, the fields it read, the keys
                                 of its inputs, its seconds and summary
   ae/ckpt  encode/ckpt  ot/ckpt the models (Orbax); ot/history.json, ot/convergence.png, ae/recon.png
-  sample/<method>/              each method's codes (Orbax); samples/<method>.png, the grids
+  sample/<method>/              each method's codes (Orbax); samples/<method>.png, the grids;
+                                samples/methods_panel.png or samples/interpolation.png, the figure at a glance
+  tensorboard/                  TensorBoard event files (log.tensorboard), one per process-0 run
   eval/methods/<method>.json    each method's metrics; eval/<method>_nn.png; metrics.json; report.{md,html}
   superseded/<stage>-<key>/     results of an earlier setting of a stage, moved here (never deleted)
 

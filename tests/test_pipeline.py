@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,13 +21,16 @@ from lsot_jax import pipeline
 from lsot_jax import report
 from lsot_jax import scans
 from lsot_jax import solver as solver_lib
+from lsot_jax import tracking
 from lsot_jax import train
 
 
 def _tiny_config(**overrides):
   """A ring config that runs every stage in a few seconds (with the Adam solver, whose step counts the tests
-  below check; the Newton OT stage has tests of its own)."""
+  below check; the Newton OT stage has tests of its own). Without progress: a progress callback is a new
+  solver to compile in each run, so the tests that want it turn it on."""
   c = pipeline.default_config()
+  c.log.progress = False
   c.ot.solver = "adam"
   c.data.num_train = 200
   c.data.num_test = 200
@@ -76,6 +80,8 @@ def test_config_diff_names_every_changed_field():
     ("ae__lr_schedule", "linear", r"ae.lr_schedule.*'constant', 'cosine'"),
     ("sample__wgan_learning_rate", 0.0, r"sample.wgan_learning_rate.*positive"),
     ("ot__max_batch_size", 1024, r"ot.max_batch_size"),
+    ("log__progress_every", -1, r"log.progress_every=-1: must be an integer >= 0"),
+    ("log__progress_seconds", -1.0, r"log.progress_seconds=-1.0: must be >= 0"),
 ])
 def test_bad_config_values_are_refused_before_work(tmp_path, field, value, match):
   config = _tiny_config(**{field: value})
@@ -84,16 +90,28 @@ def test_bad_config_values_are_refused_before_work(tmp_path, field, value, match
   assert not (tmp_path / "w").exists()
 
 
+def test_log_fields_enter_no_stage_key():
+  config = _tiny_config()
+  changed = _tiny_config(log__tensorboard=False, log__progress=False, log__progress_every=3,
+                         log__progress_seconds=0.0)
+  assert config_lib.stage_keys(changed) == config_lib.stage_keys(config)
+  assert set(config_lib.LOG_FIELDS) == {k for k in config_lib.flatten(config_lib.as_plain(config))
+                                        if k.startswith("log.")}
+  for stage in config_lib.STAGES:
+    assert not any(k.startswith("log.") for k in config_lib.stage_fields(config, stage)), stage
+
+
 def test_too_few_samples_for_knn_metric_is_refused(tmp_path):
   config = _tiny_config(eval__metrics=("mode_coverage", "prdc"), sample__num_samples=5, eval__k=5)
   with pytest.raises(pipeline.PipelineError, match="needs at least 6 samples"):
     pipeline.run(config, tmp_path / "w", log=_quiet([]))
 
 
-def test_end_to_end_then_rerun_skips_every_stage(tmp_path):
+def test_end_to_end_then_rerun_skips_every_stage(tmp_path, finished):
   workdir = tmp_path / "run"
   lines = []
-  config = _tiny_config(sample__methods=("exact", "gaussian", "ott_semidiscrete"))
+  config = _tiny_config(sample__methods=("exact", "gaussian", "ott_semidiscrete"), log__progress=True,
+                        log__progress_seconds=0.0)
   metrics = pipeline.run(config, workdir, log=lines.append)
   # Exact samples are training points: all 8 modes, and (as for the data) nearly all within 3 std; the same
   # holds for the ott-jax-fitted potential. A single Gaussian fitted to a ring of radius 1 with std 0.01 puts
@@ -112,10 +130,33 @@ def test_end_to_end_then_rerun_skips_every_stage(tmp_path):
   assert "| LSOT exact | 8 ± 0 |" in md and "ot/convergence.png" in md
 
   assert "ot: not converged" in " ".join(lines) and "did not converge" in md  # 40 steps are not enough
+  # The progress callback's lines (every solver.callback_every = 10 steps) and the same fit as without it.
+  matches = (re.match(r"ot: step (\d+)/40 energy=\S+ l1=\S+ lr=", line) for line in lines)
+  shown = [int(m.group(1)) for m in matches if m]
+  assert shown == [10, 20, 30, 40]
+  assert history == json.loads((finished[1] / "ot/history.json").read_text())
+  # TensorBoard: the solver's per-step histories, the final errors and metrics, a grid per method.
+  scalars = tracking.read_scalars(workdir / "tensorboard")
+  assert [step for step, _ in scalars["ot/l1"]] == list(range(1, 41))
+  np.testing.assert_allclose([v for _, v in scalars["ot/l1"]], history["errors"], rtol=1e-6)
+  np.testing.assert_allclose([v for _, v in scalars["ot/energy"]], history["losses"], rtol=1e-6)
+  assert scalars["ot/final/l1"] == [(40, pytest.approx(history["marginal_l1"], rel=1e-6))]
+  assert scalars["final/methods/exact/modes"] == [(0, 8.0)]
+  assert sorted(tracking.read_images(workdir / "tensorboard")) == [
+      "samples/exact", "samples/gaussian", "samples/ott_semidiscrete"]
+  # The figure at a glance, linked after the metrics table.
+  assert (workdir / "samples/methods_panel.png").is_file()
+  assert md.index("## Metrics") < md.index("## At a glance") < md.index("](samples/methods_panel.png)")
+  assert "samples/methods_panel.png" in (workdir / "report.html").read_text()
 
   lines.clear()
   markers = {s: (workdir / s / "DONE.json").read_bytes() for s in ("ae", "encode", "ot", "sample", "eval")}
+  panel = (workdir / "samples/methods_panel.png").stat().st_mtime_ns
+  # Other log.* settings rerun nothing.
+  config = _tiny_config(sample__methods=("exact", "gaussian", "ott_semidiscrete"), log__tensorboard=False,
+                        log__progress_every=3, log__progress_seconds=5.0)
   pipeline.run(config, workdir, log=lines.append)
+  assert (workdir / "samples/methods_panel.png").stat().st_mtime_ns == panel
   for stage in ("ae", "encode", "ot", "sample", "eval"):
     assert f"{stage}: already done, skipping" in lines
     assert (workdir / stage / "DONE.json").read_bytes() == markers[stage], stage
@@ -565,6 +606,10 @@ def test_ae_scan_rows_equal_per_setting_runs_and_leave_the_stages_alone(tmp_path
   assert (workdir / "scan" / "scan.png").is_file() and (workdir / "scan" / "scan.csv").is_file()
   assert all(r["ae_diverged"] is False and r["iterations"] == 40 for r in res.rows)
   summary = json.loads((workdir / "ae" / "DONE.json").read_text())["summary"]
+  # The ae stage's training losses went to TensorBoard: every step's loss, each epoch's mean.
+  scalars = tracking.read_scalars(workdir / "tensorboard")
+  assert [step for step, _ in scalars["autoencoder/loss"]] == list(range(1, 161))  # 40 epochs of 4 steps
+  assert scalars["autoencoder/epoch_loss"][-1] == (160, pytest.approx(summary["final_train_loss"], rel=1e-6))
   for i, j in ((6, 0), (7, 1)):
     row, ref_row = res.rows[i], ref.rows[j]
     assert row["ot.learning_rate"] == ref_row["ot.learning_rate"]
