@@ -164,6 +164,7 @@ def test_image_end_to_end_on_mock_tfds(image_run):
     assert (image_run / rel).is_file(), rel
 
 
+@pytest.mark.slow
 def test_kill_during_autoencoder_training_then_resume_gives_the_same_metrics(image_run, env, mock_launcher,
                                                                             tmp_path):
   workdir = tmp_path / "run"
@@ -210,6 +211,7 @@ def test_missing_data_fails_fast_with_the_prepare_command(env, tmp_path, config,
 # Scans.
 
 
+@pytest.mark.slow
 def test_scan_from_the_command_line(env, tmp_path):
   workdir = tmp_path / "scan_run"
   result = _launch(["--config", "configs/eight_gaussians.py:smoke", "--workdir", str(workdir),

@@ -634,6 +634,7 @@ def test_ae_scan_rows_equal_per_setting_runs_and_leave_the_stages_alone(tmp_path
   assert res.rows[0]["ae_loss"] != pytest.approx(res.rows[6]["ae_loss"], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_ae_scan_static_groups_and_a_diverged_setting(tmp_path):
   """ae.epochs is static (one training per value); a diverging learning rate marks its rows only."""
   config = _ae_scan_config(ae__epochs=2)
