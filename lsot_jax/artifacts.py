@@ -45,18 +45,18 @@ class Autoencoder:
 
   def encode(self, x: Any, batch_size: int = 1024) -> np.ndarray:
     """Codes [M, d] of data [M, ...] (float32; the data itself for the identity)."""
-    if self.is_identity:
-      return np.asarray(x, np.float32)
-    fn = coders(self.graphdef)[0]
-    return np.asarray(train.batched_apply(lambda xb: fn(self.params, xb), np.asarray(x, np.float32),
-                                          batch_size=batch_size), np.float32)
+    return self._apply(0, x, batch_size)
 
   def decode(self, z: Any, batch_size: int = 1024) -> np.ndarray:
     """Data [M, ...] of codes [M, d] (float32; the codes themselves for the identity)."""
+    return self._apply(1, z, batch_size)
+
+  def _apply(self, which: int, v: Any, batch_size: int) -> np.ndarray:
+    """The encoder (``which`` = 0) or decoder (1) applied batch by batch, as float32."""
     if self.is_identity:
-      return np.asarray(z, np.float32)
-    fn = coders(self.graphdef)[1]
-    return np.asarray(train.batched_apply(lambda zb: fn(self.params, zb), np.asarray(z, np.float32),
+      return np.asarray(v, np.float32)
+    fn = coders(self.graphdef)[which]
+    return np.asarray(train.batched_apply(lambda b: fn(self.params, b), np.asarray(v, np.float32),
                                           batch_size=batch_size), np.float32)
 
 

@@ -166,16 +166,20 @@ def segment_outer(v: jax.Array, segments: jax.Array, weights: jax.Array, k: int,
   return jax.lax.fori_loop(0, vp.shape[0], body, jnp.zeros((k, d, d), v.dtype))
 
 
-def _sqrt_psd(m: jax.Array, power: float) -> jax.Array:
-  """m^power for a batch of symmetric PSD matrices [..., d, d].
+def _psd_eigh(m: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Eigenvalues [..., d] and eigenvectors [..., d, d] of a batch of symmetric PSD matrices [..., d, d].
 
   Eigenvalues are clipped at 1e-5 of each matrix's largest: float32 eigh returns the null space of a
   singular matrix as eigenvalues of about +-1e-7 of the largest, which a negative power would blow up.
   """
   evals, evecs = jnp.linalg.eigh(m)
   floor = 1e-5 * jnp.max(evals, axis=-1, keepdims=True) + 1e-30
-  scaled = evecs * jnp.maximum(evals, floor)[..., None, :] ** power
-  return scaled @ jnp.swapaxes(evecs, -1, -2)
+  return jnp.maximum(evals, floor), evecs
+
+
+def _psd_power(evals: jax.Array, evecs: jax.Array, power: float) -> jax.Array:
+  """m^power [..., d, d] from :func:`_psd_eigh`'s output."""
+  return (evecs * evals[..., None, :] ** power) @ jnp.swapaxes(evecs, -1, -2)
 
 
 def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labels: jax.Array,
@@ -220,10 +224,11 @@ def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labe
   s = segment_outer(z, labels, nu, k, chunk) / jnp.maximum(mass, 1e-30)[:, None, None]
   s = s + (1e-4 * jnp.trace(s, axis1=1, axis2=2)[:, None, None] / d + 1e-12) * eye
 
-  sigma_half = _sqrt_psd(sigma, 0.5)
-  middle = sigma_half @ s @ sigma_half
-  a_inv = sigma_half @ _sqrt_psd(middle, -0.5) @ sigma_half
-  offset = coarse_h - 0.5 * jnp.trace(_sqrt_psd(middle, 0.5), axis1=1, axis2=2)
+  sigma_half = _psd_power(*_psd_eigh(sigma), 0.5)
+  middle_evals, middle_evecs = _psd_eigh(sigma_half @ s @ sigma_half)
+  a_inv = sigma_half @ _psd_power(middle_evals, middle_evecs, -0.5) @ sigma_half
+  # tr(A Sigma) = tr((Sigma^(1/2) S Sigma^(1/2))^(1/2)): the eigenvalues' square roots, summed.
+  offset = coarse_h - 0.5 * jnp.sum(jnp.sqrt(middle_evals), axis=1)
 
   def quad(args):
     zc, lab = args
