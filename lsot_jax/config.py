@@ -160,8 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
     data.stream: read the training split batch by batch with grain (:mod:`lsot_jax.streaming`) in the ae
       and encode stages instead of loading it into memory: host memory bounded by a few batches, the same
       batches, parameters and codes (so it enters no stage key and may change between reruns; a streamed
-      training checkpoints the stream's position). The later stages still load what they read (e.g. the
-      sample stage's VAE and the eval stage's classifier and memorisation the training split).
+      training checkpoints the stream's position). The sample and eval stages still load the splits.
     ae.kind: ``"identity"`` (codes are the data; toys), ``"mlp"``, ``"conv28"``, ``"conv64"``.
     ae.latent_dim / ae.widths: latent dimension d and hidden widths (empty: the model's default).
     ae.epochs / batch_size / learning_rate / weight_decay / checkpoint_every: optax training (Adam);

@@ -165,8 +165,8 @@ class StreamFeed:
     try:
       batch = next(self.stream)
     except StopIteration:
-      raise ValueError(f"the training stream ended at batch {step}; open it with num_epochs >= the training's "
-                       "epochs (feeds.training_stream).") from None
+      raise ValueError(f"the training stream ended at batch {step}; open it with num_epochs >= the "
+                       "training's epochs (feeds.training_stream).") from None
     return tuple(batch[k] for k in self.keys)
 
   def state(self) -> Dict[str, Any]:

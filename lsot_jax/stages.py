@@ -170,8 +170,8 @@ class Results:
 
 def _reconstruction(ctx: Context, ae: artifacts.Autoencoder, shown: Optional[int]
                     ) -> tuple[float, np.ndarray, np.ndarray]:
-  """``(test MSE, the first ``shown`` test examples (None: all), their reconstructions)``: over the loaded test
-  split, or with ``data.stream`` batch by batch over its stream (the MSE then summed in float64)."""
+  """``(test MSE, the first ``shown`` test examples (None: all), their reconstructions)``: over the loaded
+  test split, or with ``data.stream`` batch by batch over its stream (the MSE then summed in float64)."""
   if not ctx.config.data.stream:
     test = ctx.dataset("test")
     recon = ae.decode(ae.encode(test.x))

@@ -220,8 +220,8 @@ def _append_log(log_path: Optional[str], record: Dict[str, Any]) -> None:
 
 def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Array, Any]],
          data: Union[Sequence[np.ndarray], streaming.ImageStream], ckpt_dir: str, cfg: TrainConfig,
-         log_path: Optional[str], progress: bool, info: Dict[str, Any], mesh: Optional[jax.sharding.Mesh] = None,
-         axis_name: Optional[str] = None,
+         log_path: Optional[str], progress: bool, info: Dict[str, Any],
+         mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
          tracker: Optional[tracking.Tracker] = None) -> Tuple[models.Params, History, Dict[str, Any]]:
   """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``.
 
@@ -346,8 +346,8 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
     ckpt.close()
 
 
-def train_autoencoder(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: models.AutoencoderConfig, ckpt_dir: str,
-                      train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
+def train_autoencoder(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: models.AutoencoderConfig,
+                      ckpt_dir: str, train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
                       log_path: Optional[str] = None, progress: bool = True,
                       mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
                       tracker: Optional[tracking.Tracker] = None,
@@ -562,8 +562,8 @@ def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.Autoencode
                              diverged_step=np.asarray(jax.device_get(state["diverged_step"]), np.int64))
 
 
-def train_vae(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: models.AutoencoderConfig, ckpt_dir: str,
-              train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
+def train_vae(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: models.AutoencoderConfig,
+              ckpt_dir: str, train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
               log_path: Optional[str] = None, progress: bool = True,
               mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
               tracker: Optional[tracking.Tracker] = None,

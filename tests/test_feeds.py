@@ -25,10 +25,11 @@ def test_array_and_stream_feeds_give_the_permuted_rows_of_every_step(data):
   x, labels = data
   cfg = _cfg()
   array_feed = feeds.make_feed("t", (x, labels), cfg)
-  stream_feed = feeds.make_feed("t", feeds.training_stream(streaming.array_source(x, labels), cfg, num_threads=2),
-                                cfg, keys=("image", "label"))
+  stream = feeds.training_stream(streaming.array_source(x, labels), cfg, num_threads=2)
+  stream_feed = feeds.make_feed("t", stream, cfg, keys=("image", "label"))
   assert array_feed.steps_per_epoch == stream_feed.steps_per_epoch == 5
-  assert (array_feed.num_examples, array_feed.batch_size) == (stream_feed.num_examples, stream_feed.batch_size)
+  assert array_feed.num_examples == stream_feed.num_examples == 53
+  assert array_feed.batch_size == stream_feed.batch_size == 10
   for step in range(15):
     epoch, pos = divmod(step, 5)
     idx = train.epoch_permutation(4, epoch, 53)[pos * 10:(pos + 1) * 10]

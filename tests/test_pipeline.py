@@ -830,7 +830,8 @@ def test_streamed_ae_and_encode_stages_give_the_in_memory_results(tmp_path, monk
   c.ae.epochs, c.ae.batch_size, c.ae.checkpoint_every = 2, 32, 5
   c.ot.num_iterations, c.ot.batch_size, c.ot.max_batch_size, c.ot.checkpoint_every = 10, 1024, 1024, 10
   c.ot.marginal_samples = 4096
-  c.sample.methods, c.sample.num_samples, c.sample.num_seeds, c.sample.grid_size = ("exact", "gaussian"), 64, 1, 16
+  c.sample.methods, c.sample.num_samples, c.sample.num_seeds = ("exact", "gaussian"), 64, 1
+  c.sample.grid_size = 16
   c.eval.metrics, c.eval.feature_space, c.eval.pixel_pool = ("frechet", "sliced_wasserstein"), "pixels", 4
   c.log.progress, c.log.tensorboard = False, False
   streamed = config_lib.config_from_dict(config_lib.as_plain(c))

@@ -6,6 +6,7 @@ outcome as JSON; ``test_data_parallel_on_four_devices`` asserts them. The refere
 run on one device (same seed, same batches), which the other tests check against PCA and exact resumption.
 """
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -101,7 +102,7 @@ def test_streamed_training_equals_in_memory_and_resumes_from_its_stream_position
   fn = train.train_autoencoder if stage == "autoencoder" else train.train_vae
   cfg = train.TrainConfig(seed=3, epochs=2, batch_size=64, learning_rate=2e-3, checkpoint_every=3)
   source = streaming.array_source(x)
-  make = lambda: feeds.training_stream(source, cfg, num_threads=2)  # pylint: disable=unnecessary-lambda-assignment
+  make = functools.partial(feeds.training_stream, source, cfg, num_threads=2)
   _, memory, memory_history = fn(x, SMALL_AE, str(tmp_path / "memory"), cfg, progress=False)
   _, streamed, streamed_history = fn(make(), SMALL_AE, str(tmp_path / "streamed"), cfg, progress=False)
   jax.tree.map(np.testing.assert_array_equal, streamed, memory)
@@ -114,7 +115,8 @@ def test_streamed_training_equals_in_memory_and_resumes_from_its_stream_position
   with StageCheckpointer(tmp_path / "resumed") as ckpt:
     assert ckpt.latest_step() == interrupted_at and not ckpt.is_complete()
     saved = ckpt.meta(interrupted_at)["stream"]
-  assert saved["position"] == interrupted_at and saved["spec"]["seed"] == 3 and saved["spec"]["batch_size"] == 64
+  assert saved["position"] == interrupted_at
+  assert saved["spec"]["seed"] == 3 and saved["spec"]["batch_size"] == 64
   _, resumed, resumed_history = fn(make(), SMALL_AE, str(tmp_path / "resumed"), cfg, progress=False)
   jax.tree.map(np.testing.assert_array_equal, resumed, memory)
   assert [r["loss"] for r in resumed_history] == [r["loss"] for r in memory_history]
@@ -133,7 +135,8 @@ def test_a_stream_of_other_settings_is_refused(digits, tmp_path):
   for stream, match in (
       (feeds.training_stream(source, dataclasses.replace(cfg, seed=2)), r"seed=2 \(training needs 1\)"),
       (feeds.training_stream(source, dataclasses.replace(cfg, batch_size=60)), "batch_size=60"),
-      (feeds.training_stream(source, dataclasses.replace(cfg, epochs=1)), r"num_epochs=1 \(training needs >= 2"),
+      (feeds.training_stream(source, dataclasses.replace(cfg, epochs=1)),
+       r"num_epochs=1 \(training needs >= 2"),
       (streaming.image_stream(source, 50, 1, num_epochs=2), "drop_remainder=False"),
       (streaming.array_source(x[:, :4]), "x_train must have shape"),
   ):
