@@ -99,7 +99,6 @@ class Context:
           image_size=d.image_size)
     return self._data[split]
 
-
   def source(self, split: str) -> streaming.ImageSource:
     """The ``"train"`` or ``"test"`` split as a random-access source for streams (``data.stream``): the same
     examples as :meth:`dataset`, decoded batch by batch (served from memory once the split is loaded)."""
