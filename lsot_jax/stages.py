@@ -36,12 +36,14 @@ from lsot_jax import artifacts
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import evaluator
+from lsot_jax import feeds
 from lsot_jax import figures
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
 from lsot_jax import report as report_lib
 from lsot_jax import samplers
 from lsot_jax import stage_ot
+from lsot_jax import streaming
 from lsot_jax import tracking
 from lsot_jax import train
 from lsot_jax import workdir as workdir_lib
@@ -64,6 +66,7 @@ class Context:
   wd: workdir_lib.Workdir
   log: Callable[[str], None]
   _data: Dict[str, data_lib.Dataset] = dataclasses.field(default_factory=dict)
+  _sources: Dict[str, streaming.ImageSource] = dataclasses.field(default_factory=dict)
   _tracker: Optional[tracking.Tracker] = None
 
   @property
@@ -96,19 +99,38 @@ class Context:
           image_size=d.image_size)
     return self._data[split]
 
+  def source(self, split: str) -> streaming.ImageSource:
+    """The ``"train"`` or ``"test"`` split as a random-access source for streams (``data.stream``): the same
+    examples as :meth:`dataset`, decoded batch by batch (served from memory once the split is loaded)."""
+    if split not in self._sources:
+      d = self.config.data
+      if split in self._data:
+        ds = self._data[split]
+        self._sources[split] = streaming.array_source(ds.x, ds.labels, name=d.name)
+      else:
+        num = d.num_train if split == "train" else d.num_test
+        self._sources[split] = streaming.image_source(
+            d.name, split, data_dir=d.data_dir, num_examples=num or None, seed=int(self.config.seed),
+            image_size=d.image_size)
+    return self._sources[split]
+
 
 def open_run(config: ml_collections.ConfigDict, workdir: Any, overwrite: bool, log: Callable[[str], None],
              load_data: bool = True) -> Context:
   """Checks the config, loads the data, then prepares (or checks) the workdir: the start of every entry.
 
-  Missing data fails before the workdir is touched.
+  Missing data fails before the workdir is touched. With ``data.stream`` the splits are only opened as
+  sources (their first example decoded), not loaded.
   """
   config_lib.validate_config(config)
   config_lib.check_devices(config)
   ctx = Context(config, workdir_lib.Workdir(workdir), log)
   if load_data:
-    ctx.dataset("train")
-    ctx.dataset("test")
+    for split in ("train", "test"):
+      if config.data.stream:
+        ctx.source(split)
+      else:
+        ctx.dataset(split)
   ctx.wd.prepare(config, overwrite, log)
   return ctx
 
@@ -145,31 +167,64 @@ class Results:
 # Stages.
 
 
+def _reconstruction(ctx: Context, ae: artifacts.Autoencoder, shown: Optional[int]
+                    ) -> tuple[float, np.ndarray, np.ndarray]:
+  """``(test MSE, the first ``shown`` test examples (None: all), their reconstructions)``: over the loaded
+  test split, or with ``data.stream`` batch by batch over its stream (the MSE then summed in float64)."""
+  if not ctx.config.data.stream:
+    test = ctx.dataset("test")
+    recon = ae.decode(ae.encode(test.x))
+    return float(np.mean(np.square(recon - test.x))), test.x[:shown], recon[:shown]
+  total, count, firsts, recons = 0.0, 0, [], []
+  for batch in streaming.image_stream(ctx.source("test"), 1024, shuffle=False):
+    x = batch["image"]
+    recon = ae.decode(ae.encode(x))
+    total += float(np.sum(np.square(recon - x), dtype=np.float64))
+    count += x.size
+    if shown is None or sum(len(f) for f in firsts) < shown:
+      firsts.append(x[:shown])
+      recons.append(recon[:shown])
+  return total / count, np.concatenate(firsts)[:shown], np.concatenate(recons)[:shown]
+
+
 def train_ae(ctx: Context) -> tuple[artifacts.Autoencoder, Dict[str, Any]]:
-  """Trains (or resumes) the autoencoder; writes ``ae/ckpt``, ``ae/metrics.jsonl`` and ``ae/recon.png``."""
+  """Trains (or resumes) the autoencoder; writes ``ae/ckpt``, ``ae/metrics.jsonl`` and ``ae/recon.png``.
+
+  With ``data.stream`` the training split is read by a stream (:func:`lsot_jax.feeds.training_stream`:
+  the same batches as in memory, its position checkpointed) and the test split is streamed for the
+  reconstruction error.
+  """
   cfg, wd = ctx.config, ctx.wd
   if cfg.ae.kind == "identity":
     ctx.log("ae: ae.kind='identity', the codes are the data points; nothing to train.")
     return artifacts.Autoencoder(), {"kind": "identity"}
-  ds, test = ctx.dataset("train"), ctx.dataset("test")
+  train_cfg = config_lib.ae_train_config(cfg)
+  if cfg.data.stream:
+    data: Any = feeds.training_stream(ctx.source("train"), train_cfg)
+    shape = ctx.source("train").example_shape
+    ctx.log(f"ae: streaming {data.num_examples} training examples in batches of {data.batch_size}")
+  else:
+    data, shape = ctx.dataset("train").x, ctx.dataset("train").example_shape
   mesh = config_lib.mesh_for(cfg, "ae.num_devices")
   if mesh is not None:
     ctx.log(f"ae: training data-parallel on {mesh.size} devices")
-  graphdef, params, history = train.train_autoencoder(
-      ds.x, config_lib.ae_model_config(cfg, ds.example_shape), wd.ckpt_dir("ae", "ckpt"),
-      config_lib.ae_train_config(cfg), code_penalty=float(cfg.ae.code_penalty),
-      log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh, tracker=ctx.tracker)
+  try:
+    graphdef, params, history = train.train_autoencoder(
+        data, config_lib.ae_model_config(cfg, shape), wd.ckpt_dir("ae", "ckpt"), train_cfg,
+        code_penalty=float(cfg.ae.code_penalty), log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh,
+        tracker=ctx.tracker)
+  finally:
+    if isinstance(data, streaming.ImageStream):
+      data.close()
   ae = artifacts.Autoencoder(graphdef, params)
-  recon = ae.decode(ae.encode(test.x))
-  test_mse = float(np.mean(np.square(recon - test.x)))
+  test_mse, originals, recon = _reconstruction(ctx, ae, None if ctx.is_points else 32)
   if workdir_lib.is_writer():
-    if ds.kind == "image":
-      n = min(32, test.x.shape[0])
-      pairs = np.stack([test.x[:n], recon[:n]], axis=1).reshape((2 * n,) + test.x.shape[1:])
+    if not ctx.is_points:
+      pairs = np.stack([originals, recon], axis=1).reshape((2 * len(originals),) + originals.shape[1:])
       report_lib.save_image_grid(wd.path("ae", "recon.png"), pairs, ncols=16)
     else:
       report_lib.save_scatter(wd.path("ae", "recon.png"), recon, title="autoencoder reconstructions",
-                              reference=test.x)
+                              reference=originals)
   ctx.log(f"ae: test reconstruction MSE {test_mse:.5f}")
   return ae, {"kind": cfg.ae.kind, "latent_dim": cfg.ae.latent_dim, "test_mse": test_mse,
               "final_train_loss": history[-1]["loss"] if history else None, "epochs": len(history)}
@@ -186,8 +241,15 @@ def ot_code_index(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
 
 
 def encode(ctx: Context, ae: artifacts.Autoencoder) -> tuple[artifacts.Codes, Dict[str, Any]]:
-  """Encodes the training set; writes ``encode/ckpt`` (the codes and the OT subset's index)."""
-  codes = ae.encode(ctx.dataset("train").x)
+  """Encodes the training set; writes ``encode/ckpt`` (the codes and the OT subset's index).
+
+  With ``data.stream`` the split is read batch by batch (:meth:`lsot_jax.artifacts.Autoencoder.encode_stream`;
+  the same codes), never whole as float32 images.
+  """
+  if ctx.config.data.stream:
+    codes = ae.encode_stream(streaming.image_stream(ctx.source("train"), 1024, shuffle=False))
+  else:
+    codes = ae.encode(ctx.dataset("train").x)
   bad = ~np.isfinite(codes).all(axis=1)
   if bad.any():
     raise config_lib.PipelineError(

@@ -9,6 +9,10 @@ All three loops share one engine with these properties:
   .permutation(N)`` in batches of ``batch_size`` (the last partial batch is dropped so shapes stay static).
   The stream position is therefore the step count; it is saved with the state (and checked on resume), so a
   resumed run continues the same stream and reaches the same parameters as an uninterrupted one.
+* :func:`train_autoencoder` and :func:`train_vae` take the data as an array or as an
+  :class:`lsot_jax.streaming.ImageStream` of the same order (:func:`lsot_jax.feeds.training_stream`:
+  bounded host memory); the stream's ``get_state()`` goes into each checkpoint's JSON metadata and a resume
+  restores it, and the batches, hence the parameters, are those of the in-memory loop (:mod:`lsot_jax.feeds`).
 * Checkpoints go to a :class:`~lsot_jax.checkpoint.StageCheckpointer` every ``checkpoint_every`` steps (or
   at every epoch end) and at the end; the last one is written with ``save_final`` so a finished stage is
   skipped on rerun. A rerun resumes from the latest valid step.
@@ -39,7 +43,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +52,12 @@ import optax
 import tqdm
 
 from lsot_jax import checkpoint as checkpoint_lib
+from lsot_jax import feeds
 from lsot_jax import models
 from lsot_jax import sharding
+from lsot_jax import streaming
 from lsot_jax import tracking
+from lsot_jax.feeds import batched_apply
 
 __all__ = [
     "LR_SCHEDULES",
@@ -153,33 +160,6 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([int(seed), int(epoch)]).permutation(int(num_examples))
 
 
-def batched_apply(fn: Callable[[jax.Array], Any], x: np.ndarray, batch_size: int = 1024) -> Any:
-  """Applies a batch function over ``x`` in fixed-size chunks (the last one padded), concatenating outputs.
-
-  Args:
-    fn: maps an Array of shape [B, ...] to a pytree of Arrays with leading dimension B; jit it yourself.
-    x: array of shape [N, ...].
-    batch_size: chunk size B (clipped to N).
-
-  Returns:
-    The pytree of outputs with leading dimension N, as NumPy arrays.
-  """
-  x = np.asarray(x)
-  n = x.shape[0]
-  if n == 0:
-    raise ValueError("batched_apply needs at least one example.")
-  bs = max(1, min(int(batch_size), n))
-  outs = []
-  for start in range(0, n, bs):
-    chunk = x[start:start + bs]
-    pad = bs - chunk.shape[0]
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)], axis=0)
-    out = jax.device_get(fn(chunk))
-    outs.append(jax.tree.map(lambda a, k=bs - pad: np.asarray(a)[:k], out))
-  return jax.tree.map(lambda *a: np.concatenate(a, axis=0), *outs)
-
-
 def _resolve_config(train_cfg: Optional[TrainConfig], overrides: Dict[str, Any]) -> TrainConfig:
   cfg = train_cfg if train_cfg is not None else TrainConfig()
   if not isinstance(cfg, TrainConfig):
@@ -239,19 +219,17 @@ def _append_log(log_path: Optional[str], record: Dict[str, Any]) -> None:
 
 
 def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Array, Any]],
-         arrays: Sequence[np.ndarray], ckpt_dir: str, cfg: TrainConfig, log_path: Optional[str],
-         progress: bool, info: Dict[str, Any], mesh: Optional[jax.sharding.Mesh] = None,
-         axis_name: Optional[str] = None,
+         data: Union[Sequence[np.ndarray], streaming.ImageStream], ckpt_dir: str, cfg: TrainConfig,
+         log_path: Optional[str], progress: bool, info: Dict[str, Any],
+         mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
          tracker: Optional[tracking.Tracker] = None) -> Tuple[models.Params, History, Dict[str, Any]]:
   """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``.
 
-  With ``mesh``, the state is replicated over ``axis_name`` and each batch split along it (module docstring).
+  ``data``: arrays, or a fresh stream whose position is checkpointed (:mod:`lsot_jax.feeds`). With ``mesh``,
+  the state is replicated over ``axis_name`` and each batch split along it (module docstring).
   """
-  n = int(arrays[0].shape[0])
-  if n == 0 or any(a.shape[0] != n for a in arrays):
-    raise ValueError(f"{stage}: training arrays must be non-empty and have the same length, "
-                     f"got {[a.shape[0] for a in arrays]}.")
-  bs = min(cfg.batch_size, n)
+  feed = feeds.make_feed(stage, data, cfg)
+  n, bs = feed.num_examples, feed.batch_size
   place_state: Callable[[Any], Any] = lambda tree: tree
   place_batch: Callable[[Any], Any] = lambda batch: batch
   jit_kwargs: Dict[str, Any] = {}
@@ -265,7 +243,7 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
     place_state = lambda tree: sharding.replicate(mesh, tree)
     place_batch = lambda batch: sharding.shard_batch(mesh, batch, axis)
     jit_kwargs["out_shardings"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  steps_per_epoch = n // bs
+  steps_per_epoch = feed.steps_per_epoch
   total_steps = cfg.epochs * steps_per_epoch
   stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
   data_spec = {"num_examples": n, "batch_size": bs, "seed": int(cfg.seed), "steps_per_epoch": steps_per_epoch}
@@ -278,7 +256,7 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
   ckpt = checkpoint_lib.StageCheckpointer(ckpt_dir, max_to_keep=cfg.max_to_keep)
   bar = None
   try:
-    step, history, acc = 0, [], {"loss_sum": 0.0, "loss_count": 0}
+    step, history, acc, saved_stream = 0, [], {"loss_sum": 0.0, "loss_count": 0}, None
     if ckpt.latest_step() is not None:
       step, state, meta = ckpt.restore(state)
       state = place_state(state)
@@ -287,20 +265,21 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
                          f"{meta.get('data')}, but this run has {data_spec}; use a fresh directory.")
       if int(state["step"]) != step:
         raise ValueError(f"{stage}: checkpoint step {step} holds state step {int(state['step'])}.")
-      history, acc = list(meta["history"]), dict(meta["epoch_accumulator"])
+      history, acc, saved_stream = list(meta["history"]), dict(meta["epoch_accumulator"]), meta.get("stream")
       _LOG.info("%s: resuming from step %d of %d (%s).", stage, step, total_steps, ckpt.directory)
 
-    def make_meta() -> Dict[str, Any]:
-      return {"stage": stage, "step": step, "total_steps": total_steps, "data": data_spec,
-              "history": history, "epoch_accumulator": acc, "train_config": dataclasses.asdict(cfg),
-              **info}
+    def make_meta(stream_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+      meta = {"stage": stage, "step": step, "total_steps": total_steps, "data": data_spec,
+              "history": history, "epoch_accumulator": acc, "train_config": dataclasses.asdict(cfg), **info}
+      return meta if stream_state is None else {**meta, "stream": stream_state}
 
     if step >= stop_at:
       if step >= total_steps and not ckpt.is_complete():
-        ckpt.mark_complete(step, make_meta())
+        ckpt.mark_complete(step, make_meta(saved_stream))
       _LOG.info("%s: already trained to step %d; skipping.", stage, step)
-      return state["params"], history, make_meta()
+      return state["params"], history, make_meta(saved_stream)
     ckpt.clear_complete()
+    feed.restore(step, saved_stream)
 
     def train_step(state, batch, key):
       step_key = jax.random.fold_in(key, state["step"])
@@ -313,7 +292,6 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
     bar = tqdm.tqdm(total=stop_at, initial=step, desc=stage, unit="step", dynamic_ncols=True,
                     disable=not (progress and sys.stderr.isatty()))
     pending: List[Tuple[int, jax.Array, jax.Array]] = []
-    perm, perm_epoch = None, -1
     clock, clock_steps = time.perf_counter(), 0
 
     def flush() -> None:
@@ -332,11 +310,8 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
       pending.clear()
 
     while step < stop_at:
-      epoch, pos = divmod(step, steps_per_epoch)
-      if epoch != perm_epoch:
-        perm, perm_epoch = epoch_permutation(cfg.seed, epoch, n), epoch
-      idx = perm[pos * bs:(pos + 1) * bs]
-      batch = place_batch(tuple(a[idx] for a in arrays))
+      epoch = step // steps_per_epoch
+      batch = place_batch(feed.batch(step))
       state, loss, finite = step_fn(state, batch, train_key)
       pending.append((step, loss, finite))
       step += 1
@@ -358,28 +333,21 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
                           stage)
       if save_now:
         if step == total_steps:
-          ckpt.save_final(step, state, make_meta())
+          ckpt.save_final(step, state, make_meta(feed.state()))
         else:
-          ckpt.save(step, state, make_meta())
+          ckpt.save(step, state, make_meta(feed.state()))
       if epoch_end:
         _append_log(log_path, history[-1])
         clock, clock_steps = time.perf_counter(), 0
-    return state["params"], history, make_meta()
+    return state["params"], history, make_meta(feed.state())
   finally:
     if bar is not None:
       bar.close()
     ckpt.close()
 
 
-def _as_float_array(x: Any, shape: Tuple[int, ...], what: str) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  if x.ndim < 1 or tuple(x.shape[1:]) != tuple(shape):
-    raise ValueError(f"{what} must have shape [N, {', '.join(map(str, shape))}], got {x.shape}.")
-  return x
-
-
-def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
-                      train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
+def train_autoencoder(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: models.AutoencoderConfig,
+                      ckpt_dir: str, train_cfg: Optional[TrainConfig] = None, *, code_penalty: float = 0.0,
                       log_path: Optional[str] = None, progress: bool = True,
                       mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
                       tracker: Optional[tracking.Tracker] = None,
@@ -387,7 +355,9 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
   """Trains (or resumes, or skips) the deterministic autoencoder on reconstruction MSE.
 
   Args:
-    x_train: array of shape [N, *model_cfg.input_shape] (images in [0, 1] or points).
+    x_train: array of shape [N, *model_cfg.input_shape] (images in [0, 1] or points), or a fresh stream of
+      those examples opened with the training's settings (:func:`lsot_jax.feeds.training_stream`); the
+      stream's position is checkpointed, and a resume takes a fresh stream of the same settings.
     model_cfg: the architecture.
     ckpt_dir: checkpoint directory of this stage (made absolute).
     train_cfg: hyperparameters; defaults to ``TrainConfig()``.
@@ -410,7 +380,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
     ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
-  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  data = feeds.training_data(x_train, model_cfg.input_shape, "x_train")
   graphdef, params = models.init_autoencoder(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
 
   def loss_fn(p, batch, key):
@@ -418,7 +388,7 @@ def train_autoencoder(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, 
     return models.autoencoder_loss(graphdef, p, batch[0], code_penalty=code_penalty)
 
   info = {"model": "autoencoder", "model_config": dataclasses.asdict(model_cfg), "code_penalty": code_penalty}
-  params, history, _ = _fit("autoencoder", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info,
+  params, history, _ = _fit("autoencoder", params, loss_fn, data, ckpt_dir, cfg, log_path, progress, info,
                             mesh, axis_name, tracker)
   return graphdef, params, history
 
@@ -536,7 +506,7 @@ def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.Autoencode
   penalties = [0.0] * len(cfgs) if code_penalties is None else [float(p) for p in code_penalties]
   if len(penalties) != len(cfgs):
     raise ValueError(f"code_penalties has {len(penalties)} values for {len(cfgs)} settings.")
-  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  x = feeds.float_array(x_train, model_cfg.input_shape, "x_train")
   n = int(x.shape[0])
   if n == 0:
     raise ValueError("x_train must be non-empty.")
@@ -592,8 +562,8 @@ def train_autoencoders_vmapped(x_train: np.ndarray, model_cfg: models.Autoencode
                              diverged_step=np.asarray(jax.device_get(state["diverged_step"]), np.int64))
 
 
-def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir: str,
-              train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
+def train_vae(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: models.AutoencoderConfig,
+              ckpt_dir: str, train_cfg: Optional[TrainConfig] = None, *, beta: float = 1.0, obs_std: float = 0.1,
               log_path: Optional[str] = None, progress: bool = True,
               mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
               tracker: Optional[tracking.Tracker] = None,
@@ -601,7 +571,7 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
   """Trains (or resumes, or skips) the Gaussian-prior VAE baseline on the negative ELBO.
 
   Args:
-    x_train: array of shape [N, *model_cfg.input_shape].
+    x_train: array of shape [N, *model_cfg.input_shape], or a fresh stream (as :func:`train_autoencoder`).
     model_cfg: the architecture (shared with the autoencoder).
     ckpt_dir: checkpoint directory of this stage.
     train_cfg: hyperparameters; defaults to ``TrainConfig()``.
@@ -625,14 +595,14 @@ def train_vae(x_train: np.ndarray, model_cfg: models.AutoencoderConfig, ckpt_dir
     ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
-  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
+  data = feeds.training_data(x_train, model_cfg.input_shape, "x_train")
   graphdef, params = models.init_vae(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
 
   def loss_fn(p, batch, key):
     return models.vae_loss(graphdef, p, key, batch[0], beta=beta, obs_std=obs_std)
 
   info = {"model": "vae", "model_config": dataclasses.asdict(model_cfg), "beta": beta, "obs_std": obs_std}
-  params, history, _ = _fit("vae", params, loss_fn, (x,), ckpt_dir, cfg, log_path, progress, info, mesh,
+  params, history, _ = _fit("vae", params, loss_fn, data, ckpt_dir, cfg, log_path, progress, info, mesh,
                             axis_name, tracker)
   return graphdef, params, history
 
@@ -673,8 +643,8 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
     ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
-  x = _as_float_array(x_train, model_cfg.input_shape, "x_train")
-  xt = _as_float_array(x_test, model_cfg.input_shape, "x_test")
+  x = feeds.float_array(x_train, model_cfg.input_shape, "x_train")
+  xt = feeds.float_array(x_test, model_cfg.input_shape, "x_test")
   y, yt = np.asarray(labels_train), np.asarray(labels_test)
   for name, lab, data in (("labels_train", y, x), ("labels_test", yt, xt)):
     if lab.shape != (data.shape[0],) or not np.issubdtype(lab.dtype, np.integer):

@@ -1,6 +1,7 @@
 """The pipeline in-process: stages, skipping, config fingerprint, bad input, OT divergence, report helpers,
 scans; and the sharded OT stage on 4 forced CPU devices (one subprocess, see ``_sharded_child``)."""
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -12,8 +13,10 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
+from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import models
@@ -229,6 +232,21 @@ def test_an_eval_field_change_reruns_eval_and_report_only(finished, tmp_path):
   assert _files(workdir, "ae", "encode", "ot", "sample", "samples") == before
   assert "sliced_wasserstein" in metrics["methods"]["exact"]
   assert len(list((workdir / "superseded").iterdir())) == 1
+
+
+def test_data_stream_enters_no_stage_key_and_reruns_nothing(finished, tmp_path):
+  config, workdir = _copy(finished, tmp_path)
+  streamed = _tiny_config(data__stream=True)
+  assert config_lib.stage_keys(streamed) == config_lib.stage_keys(config)
+  before = _files(workdir, "ae", "encode", "ot", "sample", "eval")
+  lines = []
+  pipeline.run(streamed, workdir, log=lines.append)
+  assert _started(lines) == [] and _files(workdir, "ae", "encode", "ot", "sample", "eval") == before
+  # A fresh streamed run of the toy (codes are the points) gives the finished run's codes and metrics.
+  metrics = pipeline.run(streamed, tmp_path / "streamed", log=_quiet([]))
+  np.testing.assert_array_equal(pipeline.load_encoded_codes(tmp_path / "streamed"),
+                                pipeline.load_encoded_codes(workdir))
+  assert metrics["methods"] == json.loads((workdir / "metrics.json").read_text())["methods"]
 
 
 def test_an_upstream_change_of_a_finished_run_refuses_naming_the_field(finished, tmp_path):
@@ -775,3 +793,63 @@ def test_data_parallel_autoencoder_equals_one_device(sharded):
     assert ae["4"][name] == pytest.approx(ae["1"][name], rel=1e-5), name
   message, created = ae["bad_batch"]
   assert "ae.batch_size=66 must be a multiple of the 4 devices" in message and not created
+
+
+class _BoundGetitemsMock(tfds.testing.PickableDataSourceMock):
+  """Binds the mock's ``__getitems__`` partial to the mock (tfds 4.9.10 bug)."""
+
+  def __setattr__(self, name, value):
+    if name == "__getitems__" and isinstance(value, functools.partial):
+      value = functools.partial(value, self)
+    super().__setattr__(name, value)
+
+
+def _numbers(tree, prefix=""):
+  """The numbers of a metrics.json tree as ``{dotted: value}`` (stage seconds and the setting left out)."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if k == "setting" or "seconds" in k or "per_sec" in k:
+      continue
+    if isinstance(v, dict):
+      out.update(_numbers(v, name + "."))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[name] = v
+  return out
+
+
+def test_streamed_ae_and_encode_stages_give_the_in_memory_results(tmp_path, monkeypatch):
+  """A tiny Fashion-MNIST run on tfds.testing.mock_data, with data.stream off and on: the same codes (bit for
+  bit: same batches, same encoder batch size), the same metrics.json numbers, the same stage keys, and the
+  streamed AE checkpoint holds the stream's position. (The report's figure, which reads no data, is not
+  drawn: it is a quarter of the test's time.)"""
+  monkeypatch.setattr(pipeline.stages, "draw_figures", lambda ctx, res: None)
+  c = config_lib.default_config()
+  c.data.name, c.data.num_train, c.data.num_test = "fashion_mnist", 0, 0
+  c.ae.kind, c.ae.latent_dim, c.ae.widths = "mlp", 4, (32,)
+  c.ae.epochs, c.ae.batch_size, c.ae.checkpoint_every = 2, 32, 5
+  c.ot.num_iterations, c.ot.batch_size, c.ot.max_batch_size, c.ot.checkpoint_every = 10, 1024, 1024, 10
+  c.ot.marginal_samples = 4096
+  c.sample.methods, c.sample.num_samples, c.sample.num_seeds = ("exact", "gaussian"), 64, 1
+  c.sample.grid_size = 16
+  c.eval.metrics, c.eval.feature_space, c.eval.pixel_pool = ("frechet", "sliced_wasserstein"), "pixels", 4
+  c.log.progress, c.log.tensorboard = False, False
+  streamed = config_lib.config_from_dict(config_lib.as_plain(c))
+  streamed.data.stream = True
+  assert config_lib.stage_keys(streamed) == config_lib.stage_keys(c)
+  with tfds.testing.mock_data(num_examples=96, policy=tfds.testing.MockPolicy.USE_CODE,
+                              mock_array_record_data_source=_BoundGetitemsMock()):
+    in_memory = pipeline.run(c, tmp_path / "memory", log=_quiet([]))
+    lines = []
+    out = pipeline.run(streamed, tmp_path / "stream", log=lines.append)
+  assert "ae: streaming 96 training examples in batches of 32" in lines
+  codes = [pipeline.load_encoded_codes(tmp_path / name) for name in ("memory", "stream")]
+  np.testing.assert_array_equal(codes[1], codes[0])
+  want, got = _numbers(in_memory), _numbers(out)
+  assert set(got) == set(want) and "methods.exact.frechet" in got and "ae.test_mse" in got, sorted(got)
+  for name, value in want.items():
+    assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+  with checkpoint_lib.StageCheckpointer(tmp_path / "stream" / "ae" / "ckpt") as ckpt:
+    meta = ckpt.meta(ckpt.latest_step())
+  assert meta["stream"]["position"] == ckpt.latest_step() == 2 * (96 // 32)
+  assert meta["stream"]["spec"]["source"] == "fashion_mnist"

@@ -5,6 +5,8 @@ checks run in ONE subprocess (this file executed as a script, ``_CHILD_CHECKS``)
 outcome as JSON; ``test_data_parallel_on_four_devices`` asserts them. The reference is the same training
 run on one device (same seed, same batches), which the other tests check against PCA and exact resumption.
 """
+import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -17,7 +19,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 
-from lsot_jax import models, sharding, train
+from lsot_jax import feeds, models, sharding, streaming, train
 from lsot_jax.checkpoint import StageCheckpointer
 
 
@@ -89,6 +91,64 @@ def test_resume_reproduces_uninterrupted_run(stage, digits, tmp_path):
   _, again, _ = fn(x, SMALL_AE, str(tmp_path / "resumed"), cfg, log_path=str(log), progress=False)
   jax.tree.map(np.testing.assert_array_equal, again, resumed)
   assert len(log.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", pytest.param("vae", marks=pytest.mark.slow)])
+def test_streamed_training_equals_in_memory_and_resumes_from_its_stream_position(stage, digits, tmp_path):
+  # The stream visits streaming.epoch_order, the permutation of the in-memory loop (equal arrays), so the
+  # batches and hence the parameters are the same, bit for bit.
+  x = digits[0][:320]
+  np.testing.assert_array_equal(streaming.epoch_order(3, 1, 320), train.epoch_permutation(3, 1, 320))
+  fn = train.train_autoencoder if stage == "autoencoder" else train.train_vae
+  cfg = train.TrainConfig(seed=3, epochs=2, batch_size=64, learning_rate=2e-3, checkpoint_every=3)
+  source = streaming.array_source(x)
+  make = functools.partial(feeds.training_stream, source, cfg, num_threads=2)
+  _, memory, memory_history = fn(x, SMALL_AE, str(tmp_path / "memory"), cfg, progress=False)
+  _, streamed, streamed_history = fn(make(), SMALL_AE, str(tmp_path / "streamed"), cfg, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, streamed, memory)
+  assert [r["loss"] for r in streamed_history] == [r["loss"] for r in memory_history]
+
+  # Killed mid-epoch (not at a multiple of checkpoint_every), resumed with a fresh stream: its position comes
+  # from the checkpoint's metadata.
+  interrupted_at = 320 // 64 + 2
+  fn(make(), SMALL_AE, str(tmp_path / "resumed"), cfg, max_steps=interrupted_at, progress=False)
+  with StageCheckpointer(tmp_path / "resumed") as ckpt:
+    assert ckpt.latest_step() == interrupted_at and not ckpt.is_complete()
+    saved = ckpt.meta(interrupted_at)["stream"]
+  assert saved["position"] == interrupted_at
+  assert saved["spec"]["seed"] == 3 and saved["spec"]["batch_size"] == 64
+  _, resumed, resumed_history = fn(make(), SMALL_AE, str(tmp_path / "resumed"), cfg, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, resumed, memory)
+  assert [r["loss"] for r in resumed_history] == [r["loss"] for r in memory_history]
+
+  # A checkpoint of in-memory training resumes from a stream (read up to the step), and the other way round.
+  fn(x, SMALL_AE, str(tmp_path / "mixed"), cfg, max_steps=4, progress=False)
+  fn(make(), SMALL_AE, str(tmp_path / "mixed"), cfg, max_steps=interrupted_at, progress=False)
+  _, mixed, _ = fn(x, SMALL_AE, str(tmp_path / "mixed"), cfg, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, mixed, memory)
+
+
+def test_a_stream_of_other_settings_is_refused(digits, tmp_path):
+  x = digits[0][:300]
+  cfg = train.TrainConfig(seed=1, epochs=2, batch_size=50)
+  source = streaming.array_source(x)
+  for stream, match in (
+      (feeds.training_stream(source, dataclasses.replace(cfg, seed=2)), r"seed=2 \(training needs 1\)"),
+      (feeds.training_stream(source, dataclasses.replace(cfg, batch_size=60)), "batch_size=60"),
+      (feeds.training_stream(source, dataclasses.replace(cfg, epochs=1)),
+       r"num_epochs=1 \(training needs >= 2"),
+      (streaming.image_stream(source, 50, 1, num_epochs=2), "drop_remainder=False"),
+      (streaming.array_source(x[:, :4]), "x_train must have shape"),
+  ):
+    if isinstance(stream, streaming.ImageSource):
+      stream = feeds.training_stream(stream, cfg)
+      match = r"examples have shape \(4, 8, 1\)"
+    with pytest.raises(ValueError, match=match):
+      train.train_autoencoder(stream, SMALL_AE, str(tmp_path / "bad"), cfg, progress=False)
+  read = feeds.training_stream(source, cfg)
+  next(read)
+  with pytest.raises(ValueError, match="already read"):
+    train.train_autoencoder(read, SMALL_AE, str(tmp_path / "bad"), cfg, progress=False)
 
 
 def test_resume_rejects_a_different_data_stream(digits, tmp_path):
