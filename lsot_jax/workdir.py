@@ -7,7 +7,8 @@ A workdir holds::
                                 of its inputs, its seconds and summary
   ae/ckpt  encode/ckpt  ot/ckpt the models (Orbax; the OT solver state under its field names, see
                                 :func:`save_ot_state`); ot/history.json, ot/convergence.png, ae/recon.png
-  sample/<method>/              each method's codes (Orbax); samples/<method>.png, the grids;
+  sample/<method>/              each method's codes (Orbax, committed once the method is done: an interrupted
+                                sample stage reuses them); samples/<method>.png, the grids;
                                 samples/methods_panel.png or samples/interpolation.png, the figure at a glance
   tensorboard/                  TensorBoard event files (log.tensorboard), one per process-0 run
   eval/methods/<method>.json    each method's metrics; eval/<method>_nn.png; metrics.json; report.{md,html}

@@ -224,6 +224,46 @@ def test_a_sample_field_change_reruns_sample_eval_and_report_only(finished, tmp_
   assert _started(lines) == []
 
 
+def test_an_interrupted_sample_stage_reuses_its_committed_draws(finished, tmp_path, monkeypatch):
+  """A sample stage stopped after saving its first method's draws leaves no marker; the rerun keeps those
+  draws, draws the rest and ends with the draws of an uninterrupted run (launch.py's kill -9 version of this
+  is a slow test of test_launch.py)."""
+  config, reference = finished
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(reference / "config.json", workdir)
+  for stage in ("ae", "encode", "ot"):
+    shutil.copytree(reference / stage, workdir / stage)
+  from lsot_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  original = workdir_lib.Workdir.save_samples
+
+  class Stop(Exception):
+    pass
+
+  def save_then_stop(self, samples):
+    original(self, samples)
+    raise Stop()
+
+  monkeypatch.setattr(workdir_lib.Workdir, "save_samples", save_then_stop)
+  with pytest.raises(Stop):
+    pipeline.run(config, workdir, log=_quiet([]))
+  monkeypatch.setattr(workdir_lib.Workdir, "save_samples", original)
+  first = config.sample.methods[0]
+  assert not (workdir / "sample" / "DONE.json").exists()
+  kept = _files(workdir, f"sample/{first}")
+  lines = []
+  pipeline.run(config, workdir, log=lines.append)
+  assert _started(lines) == ["sample", "eval"]
+  assert f"sample: {first} already drawn, reusing {workdir / 'sample' / first}" in lines
+  assert _files(workdir, f"sample/{first}") == kept
+  ours, theirs = workdir_lib.Workdir(workdir), workdir_lib.Workdir(reference)
+  for method in config.sample.methods:
+    a, b = ours.load_samples(method).codes, theirs.load_samples(method).codes
+    assert a.shape == b.shape and a.tobytes() == b.tobytes(), method
+  assert (json.loads((workdir / "metrics.json").read_text())["methods"]
+          == json.loads((reference / "metrics.json").read_text())["methods"])
+
+
 def test_an_eval_field_change_reruns_eval_and_report_only(finished, tmp_path):
   config, workdir = _copy(finished, tmp_path)
   before = _files(workdir, "ae", "encode", "ot", "sample", "samples")
