@@ -21,7 +21,8 @@ Command:
   #   --coordinator_address=HOST0:PORT --num_processes=P --process_id=I
 
 Expected runtime: not measured (no CelebA copy and no accelerator on the build machine); the smoke variant
-runs in a few minutes on a CPU. Expected metrics: not measured yet.
+runs in a few minutes on a CPU. Expected metrics: not measured yet (no CelebA copy on the build machine: it
+has no internet access to fetch one, and the full run is sized for an accelerator).
 """
 from lsot_jax import config as config_lib
 

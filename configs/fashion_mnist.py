@@ -9,8 +9,10 @@ Command:
   python launch.py --config configs/fashion_mnist.py --workdir runs/fashion --config.data.data_dir=DIR
   python launch.py --config configs/fashion_mnist.py:smoke --workdir /tmp/fashion_smoke
 
-Expected runtime (2-core CPU): about as long as configs/mnist.py (about 15 minutes); not measured here
-(no Fashion-MNIST copy on the build machine). Expected metrics: not measured yet.
+Expected runtime (2-core CPU): about as long as configs/mnist.py (about 15 minutes); not measured (no
+Fashion-MNIST copy on the build machine: it has no internet access to build one with TFDS).
+Expected metrics: not measured yet (no Fashion-MNIST copy on the build machine, as above; the tests run this
+config only on tfds.testing.mock_data, whose random images give no meaningful metrics).
 """
 import os
 import sys

@@ -198,7 +198,8 @@ class StageCheckpointer:
     meta.pop(_CHECKSUM_KEY, None)
     return meta
 
-  def restore(self, target: Any, step: Optional[int] = None) -> Tuple[int, Any, Dict[str, Any]]:
+  def restore(self, target: Any = None, step: Optional[int] = None, *,
+              target_of: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Tuple[int, Any, Dict[str, Any]]:
     """Restores the latest valid step (or exactly ``step``).
 
     Steps that fail to load or fail the checksum are skipped with a ``UserWarning`` naming the step and the
@@ -208,14 +209,18 @@ class StageCheckpointer:
       target: a pytree with the structure, shapes and dtypes of the saved state (JAX or NumPy arrays,
         scalars or ``jax.ShapeDtypeStruct``).
       step: restore this step only (no fallback).
+      target_of: instead of ``target``, a function of a step's meta (without the checksum key) that returns
+        that step's target: for states whose layout depends on the version that saved them.
 
     Returns:
       ``(step, state, meta)``.
 
     Raises:
+      ValueError: not exactly one of ``target`` and ``target_of`` given.
       CheckpointError: if no step (or the requested step) can be restored.
     """
-    abstract = jax.tree.map(_abstract_leaf, target)
+    if (target is None) == (target_of is None):
+      raise ValueError("StageCheckpointer.restore takes exactly one of target= and target_of=.")
     steps = self.all_steps()
     if step is not None:
       if int(step) not in steps:
@@ -228,6 +233,7 @@ class StageCheckpointer:
     failures = []
     for s in candidates:
       try:
+        abstract = jax.tree.map(_abstract_leaf, target if target_of is None else target_of(self.meta(s)))
         state, meta = self._restore_step(s, abstract)
       except Exception as e:  # pylint: disable=broad-except
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

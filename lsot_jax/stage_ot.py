@@ -216,7 +216,7 @@ def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: ar
       it = int(state.it)
       if bool(state.diverged) or not bool(jnp.all(jnp.isfinite(state.h))):
         raise config_lib.OTDiverged(max(it - 1, 0), str(ckpt.directory), ckpt.latest_step())
-      ckpt.save(it, workdir_lib.flat_state(state), {"it": it, "converged": bool(state.converged)}, overwrite=True)
+      workdir_lib.save_ot_state(ckpt, state)
       if _finished(solver, problem, state):
         break
       log(_progress(solver, state))

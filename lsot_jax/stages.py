@@ -286,6 +286,7 @@ def sample(ctx: Context, fit: artifacts.OTFit, ae: artifacts.Autoencoder) -> Dic
   for method in cfg.sample.methods:
     if wd.samples_done(method):
       info_all[method] = wd.samples_meta(method)["info"]
+      ctx.log(f"sample: {method} already drawn, reusing {wd.root / 'sample' / method}")
       continue
     start = time.perf_counter()
     inputs = samplers.SamplerInputs(

@@ -5,8 +5,10 @@ A workdir holds::
   config.json                   the config of the results in place
   <stage>/DONE.json             the one completion marker of a stage: its key, the fields it read, the keys
                                 of its inputs, its seconds and summary
-  ae/ckpt  encode/ckpt  ot/ckpt the models (Orbax); ot/history.json, ot/convergence.png, ae/recon.png
-  sample/<method>/              each method's codes (Orbax); samples/<method>.png, the grids;
+  ae/ckpt  encode/ckpt  ot/ckpt the models (Orbax; the OT solver state under its field names, see
+                                :func:`save_ot_state`); ot/history.json, ot/convergence.png, ae/recon.png
+  sample/<method>/              each method's codes (Orbax, committed once the method is done: an interrupted
+                                sample stage reuses them); samples/<method>.png, the grids;
                                 samples/methods_panel.png or samples/interpolation.png, the figure at a glance
   tensorboard/                  TensorBoard event files (log.tensorboard), one per process-0 run
   eval/methods/<method>.json    each method's metrics; eval/<method>_nn.png; metrics.json; report.{md,html}
@@ -37,8 +39,9 @@ from lsot_jax import config as config_lib
 from lsot_jax import newton as newton_lib
 from lsot_jax import train
 
-__all__ = ["CONFIG", "DONE", "METRICS", "STAGE_PATHS", "SUPERSEDED", "Workdir", "flat_state", "is_writer",
-           "read_json", "unflat_state", "write_json"]
+__all__ = ["CONFIG", "DONE", "METRICS", "NAMED_LAYOUT", "STAGE_PATHS", "STATE_LAYOUT_KEY", "SUPERSEDED",
+           "Workdir", "is_writer", "named_state", "positional_state", "read_json", "save_ot_state",
+           "state_from_named", "write_json"]
 
 CONFIG = "config.json"
 DONE = "DONE.json"
@@ -83,20 +86,80 @@ def read_json(path: pathlib.Path) -> Optional[Any]:
     return None
 
 
-def flat_state(state: Any) -> Dict[str, Any]:
-  """Checkpoint layout of a solver state: a Newton state by field name, the Adam state by leaf position
-  (the layout of workdirs written before named keys)."""
-  if isinstance(state, newton_lib.NewtonState):
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+# The meta entry of an ot checkpoint saved by field name; a checkpoint without it was saved by the versions
+# before named keys: an Adam state by leaf position (:func:`positional_state`), a Newton state by field name
+# (the same keys as :func:`named_state`, which has no nesting there).
+STATE_LAYOUT_KEY = "state_layout"
+NAMED_LAYOUT = "named"
+
+
+def _is_named_tuple(value: Any) -> bool:
+  return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def named_state(state: Any) -> Any:
+  """A solver state as nested dicts keyed by field name (the layout of ot checkpoints).
+
+  Dataclass fields and named-tuple fields (the Adam moments: ``opt_state`` -> ``count``, ``mu``, ``nu``) become
+  dict keys, dicts keep theirs; everything else is a leaf.
+
+  Args:
+    state: a :class:`lsot_jax.solver.SolverState`, a :class:`lsot_jax.newton.NewtonState` or another pytree
+      of dataclasses, named tuples, dicts and arrays.
+
+  Returns:
+    Nested dicts of the same arrays.
+  """
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {f.name: named_state(getattr(state, f.name)) for f in dataclasses.fields(state)}
+  if _is_named_tuple(state):
+    return {name: named_state(getattr(state, name)) for name in state._fields}
+  if isinstance(state, dict):
+    return {k: named_state(v) for k, v in state.items()}
+  return state
+
+
+def state_from_named(template: Any, tree: Any) -> Any:
+  """The inverse of :func:`named_state`: the arrays of ``tree`` in the classes of ``template``.
+
+  Args:
+    template: a state of the wanted structure (e.g. ``solver.init(problem)``).
+    tree: nested dicts as :func:`named_state` returns them.
+
+  Raises:
+    KeyError: ``tree`` lacks a field of ``template``.
+  """
+  if dataclasses.is_dataclass(template) and not isinstance(template, type):
+    return type(template)(**{f.name: state_from_named(getattr(template, f.name), tree[f.name])
+                             for f in dataclasses.fields(template)})
+  if _is_named_tuple(template):
+    return type(template)(*(state_from_named(getattr(template, name), tree[name]) for name in template._fields))
+  if isinstance(template, dict):
+    return {k: state_from_named(v, tree[k]) for k, v in template.items()}
+  return jnp.asarray(tree)
+
+
+def positional_state(state: Any) -> Dict[str, Any]:
+  """The layout of an Adam state in the ot checkpoints of versions before named keys: ``leaf_000``,
+  ``leaf_001``, ... in the state's flattening order (read to resume such workdirs; never written)."""
   return {f"leaf_{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
 
 
-def unflat_state(template: Any, flat: Dict[str, Any]) -> Any:
-  """The inverse of :func:`flat_state`, shaped like ``template``."""
-  if isinstance(template, newton_lib.NewtonState):
-    return newton_lib.NewtonState(**{k: jnp.asarray(flat[k]) for k in flat_state(template)})
-  treedef = jax.tree.structure(template)
-  return jax.tree.unflatten(treedef, [jnp.asarray(flat[f"leaf_{i:03d}"]) for i in range(treedef.num_leaves)])
+def _is_positional(template: Any, meta: Dict[str, Any]) -> bool:
+  """Whether a checkpoint with ``meta`` holds ``template``'s kind of state by leaf position."""
+  return meta.get(STATE_LAYOUT_KEY) != NAMED_LAYOUT and not isinstance(template, newton_lib.NewtonState)
+
+
+def _checkpoint_target(template: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
+  return positional_state(template) if _is_positional(template, meta) else named_state(template)
+
+
+def save_ot_state(ckpt: checkpoint_lib.StageCheckpointer, state: Any) -> None:
+  """Saves a solver state as step ``state.it`` of the ot checkpoints, under named keys (:func:`named_state`),
+  replacing that step if it exists."""
+  it = int(state.it)
+  meta = {"it": it, "converged": bool(state.converged), STATE_LAYOUT_KEY: NAMED_LAYOUT}
+  ckpt.save(it, named_state(state), meta, overwrite=True)
 
 
 def _fields_diff(recorded: Dict[str, Any], wanted: Dict[str, Any],
@@ -343,12 +406,16 @@ class Workdir:
     return checkpoint_lib.StageCheckpointer(self.ckpt_dir("ot", "ckpt"), max_to_keep=2)
 
   def restore_ot_state(self, template: Any) -> Any:
-    """The latest checkpointed solver state (``template`` if there is none)."""
+    """The latest checkpointed solver state (``template`` if there is none), from named keys or, for a
+    workdir of the versions before them, the Adam state's leaf positions."""
     with self.ot_checkpointer() as ckpt:
       if ckpt.latest_step() is None:
         return template
-      _, flat, _ = ckpt.restore(flat_state(template))
-    return unflat_state(template, flat)
+      _, saved, meta = ckpt.restore(target_of=lambda meta: _checkpoint_target(template, meta))
+    if _is_positional(template, meta):
+      treedef = jax.tree.structure(template)
+      return jax.tree.unflatten(treedef, [jnp.asarray(saved[k]) for k in positional_state(template)])
+    return state_from_named(template, saved)
 
   def samples_meta(self, method: str) -> Dict[str, Any]:
     """The meta of a method's saved draws (``info``, ``decoder``, shapes)."""

@@ -145,6 +145,35 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, corrupt):
       ckpt.restore(_state(0.0), step=2)
 
 
+def test_target_of_gives_each_step_the_target_of_its_own_meta(tmp_path):
+  """Step 1 holds a state by leaf position, step 2 the same state by name (a workdir resumed by a newer
+  version); each step is restored in its own layout, also when the newer one is corrupt."""
+  state = _state(1.0)
+  positional = {f"leaf_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
+  with StageCheckpointer(tmp_path, max_to_keep=3) as ckpt:
+    ckpt.save(1, positional, {"layout": "positional"})
+    ckpt.save(2, state, {"layout": "named"})
+  seen = []
+
+  def target_of(meta):
+    seen.append(meta)
+    return jax.tree.map(jnp.zeros_like, state if meta.get("layout") == "named" else positional)
+
+  with StageCheckpointer(tmp_path) as ckpt:
+    step, restored, _ = ckpt.restore(target_of=target_of)
+    assert step == 2 and seen == [{"layout": "named"}]
+    _assert_tree_equal(restored, state)
+    _delete_data(str(tmp_path / "2"))
+    with pytest.warns(UserWarning, match=r"step 2 .* corrupt"):
+      step, restored, meta = ckpt.restore(target_of=target_of)
+    assert step == 1 and meta == {"layout": "positional"}
+    _assert_tree_equal(restored, positional)
+    with pytest.raises(ValueError, match="exactly one of target= and target_of="):
+      ckpt.restore(state, target_of=target_of)
+    with pytest.raises(ValueError, match="exactly one of target= and target_of="):
+      ckpt.restore()
+
+
 def test_all_corrupt_raises_naming_directory(tmp_path):
   _two_steps(tmp_path).close()
   _delete_data(str(tmp_path / "1"))

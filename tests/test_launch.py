@@ -7,6 +7,7 @@ program pays for XLA compilation.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import time
 
 import pytest
 from absl import app
+
+from lsot_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RING = ["--config", "configs/eight_gaussians.py:smoke", "--config.ot.num_iterations=300",
@@ -132,6 +135,58 @@ def test_kill_during_ot_then_resume_gives_the_same_metrics(ring_run, env, tmp_pa
   assert "ot: resuming from solver step" in result.stdout
   assert _metrics(workdir)["methods"] == _metrics(reference)["methods"]
   assert _metrics(workdir)["ot"]["iterations"] == _metrics(reference)["ot"]["iterations"]
+
+
+def _sample_files(workdir, method):
+  """The bytes of every file of a method's saved draws and of its grid."""
+  files = {str(p.relative_to(workdir)): p.read_bytes() for p in (workdir / "sample" / method).rglob("*")
+           if p.is_file()}
+  return dict(files, grid=(workdir / "samples" / f"{method}.png").read_bytes())
+
+
+@pytest.mark.slow  # 38 s of CPU on the 2-core Xeon; test_pipeline's interrupted sample stage is the fast one
+def test_kill_during_sample_then_resume_gives_identical_samples(ring_run, env, tmp_path):
+  """The sample stage commits each method's draws (Orbax, atomically) when the method is done. A run killed
+  once the first method's draws are committed leaves no sample marker; the rerun runs no earlier stage, keeps
+  those draws untouched, ignores the uncommitted folder a kill inside a save leaves, draws the other methods
+  and ends with the uninterrupted run's draws (the same arrays), grids (the same bytes) and metrics."""
+  reference, _ = ring_run
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(reference / workdir_lib.CONFIG, workdir)
+  for stage in ("ae", "encode", "ot"):
+    shutil.copytree(reference / stage, workdir / stage)
+  args = RING + ["--workdir", str(workdir)]
+  _kill_after_first_checkpoint(args, env, workdir / "sample" / "exact", workdir / "sample" / "DONE.json",
+                               tmp_path / "killed.log")
+  assert "sample: starting" in (tmp_path / "killed.log").read_text()
+  kept = _sample_files(workdir, "exact")
+  # What a kill inside Orbax's save of the next method leaves: its step folder under a temporary name, with
+  # no commit record and a truncated data file.
+  partial = workdir / "sample" / "extended" / "0.orbax-checkpoint-tmp-1764547200"
+  shutil.rmtree(workdir / "sample" / "extended", ignore_errors=True)
+  shutil.copytree(reference / "sample" / "extended" / "0", partial)
+  for path in partial.rglob("*"):
+    if path.name == "commit_success.txt":
+      path.unlink()
+    elif path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[:8])
+  result = _launch(args, env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  for stage in ("ae", "encode", "ot"):
+    assert f"{stage}: already done, skipping" in result.stdout
+  assert "sample: starting" in result.stdout
+  assert "sample: exact already drawn, reusing" in result.stdout and "sample: exact done in" not in result.stdout
+  for method in ("extended", "soft", "gaussian"):
+    assert f"sample: {method} done in" in result.stdout, method
+  assert _sample_files(workdir, "exact") == kept
+  ours, theirs = workdir_lib.Workdir(workdir), workdir_lib.Workdir(reference)
+  for method in _metrics(reference)["methods"]:
+    a, b = ours.load_samples(method).codes, theirs.load_samples(method).codes
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), method
+    assert (workdir / "samples" / f"{method}.png").read_bytes() == (reference / "samples" /
+                                                                    f"{method}.png").read_bytes(), method
+  assert _metrics(workdir)["methods"] == _metrics(reference)["methods"]
 
 
 def test_workdir_with_other_config_is_refused(ring_run, env):

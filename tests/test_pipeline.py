@@ -6,12 +6,16 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -20,6 +24,7 @@ from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import models
+from lsot_jax import newton as newton_lib
 from lsot_jax import pipeline
 from lsot_jax import report
 from lsot_jax import scans
@@ -220,6 +225,46 @@ def test_a_sample_field_change_reruns_sample_eval_and_report_only(finished, tmp_
   lines.clear()
   pipeline.run(changed, workdir, log=lines.append)
   assert _started(lines) == []
+
+
+def test_an_interrupted_sample_stage_reuses_its_committed_draws(finished, tmp_path, monkeypatch):
+  """A sample stage stopped after saving its first method's draws leaves no marker; the rerun keeps those
+  draws, draws the rest and ends with the draws of an uninterrupted run (launch.py's kill -9 version of this
+  is a slow test of test_launch.py)."""
+  config, reference = finished
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(reference / "config.json", workdir)
+  for stage in ("ae", "encode", "ot"):
+    shutil.copytree(reference / stage, workdir / stage)
+  from lsot_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  original = workdir_lib.Workdir.save_samples
+
+  class Stop(Exception):
+    pass
+
+  def save_then_stop(self, samples):
+    original(self, samples)
+    raise Stop()
+
+  monkeypatch.setattr(workdir_lib.Workdir, "save_samples", save_then_stop)
+  with pytest.raises(Stop):
+    pipeline.run(config, workdir, log=_quiet([]))
+  monkeypatch.setattr(workdir_lib.Workdir, "save_samples", original)
+  first = config.sample.methods[0]
+  assert not (workdir / "sample" / "DONE.json").exists()
+  kept = _files(workdir, f"sample/{first}")
+  lines = []
+  pipeline.run(config, workdir, log=lines.append)
+  assert _started(lines) == ["sample", "eval"]
+  assert f"sample: {first} already drawn, reusing {workdir / 'sample' / first}" in lines
+  assert _files(workdir, f"sample/{first}") == kept
+  ours, theirs = workdir_lib.Workdir(workdir), workdir_lib.Workdir(reference)
+  for method in config.sample.methods:
+    a, b = ours.load_samples(method).codes, theirs.load_samples(method).codes
+    assert a.shape == b.shape and a.tobytes() == b.tobytes(), method
+  assert (json.loads((workdir / "metrics.json").read_text())["methods"]
+          == json.loads((reference / "metrics.json").read_text())["methods"])
 
 
 def test_an_eval_field_change_reruns_eval_and_report_only(finished, tmp_path):
@@ -455,6 +500,59 @@ def test_newton_ot_stage_reports_unbiased_error_and_resumes_identically(tmp_path
   np.testing.assert_array_equal(np.asarray(pipeline.load_potential(config, tmp_path / "b").h),
                                 np.asarray(pipeline.load_potential(config, tmp_path / "a").h))
   assert resumed["ot"]["iterations"] == ot["iterations"]
+
+
+def _saved_state(workdir):
+  """The raw tree (nested dicts, read by Orbax without a target) of the newest ot checkpoint, and its step."""
+  folder = workdir / "ot" / "ckpt"
+  step = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # no sharding given: Orbax reads it from the checkpoint
+    return ocp.PyTreeCheckpointer().restore(folder / str(step) / "state"), step
+
+
+def test_ot_checkpoints_hold_the_adam_state_under_field_names(finished):
+  """One key per field of the state, the optimiser moments under their names (Newton's: the test below)."""
+  config, workdir = finished
+  raw, step = _saved_state(workdir)
+  assert set(raw) == {f.name for f in dataclasses.fields(solver_lib.SolverState)}
+  assert set(raw["opt_state"]) == {"count", "mu", "nu"}
+  assert int(raw["it"]) == step == json.loads((workdir / "metrics.json").read_text())["ot"]["iterations"]
+  np.testing.assert_array_equal(raw["h"], np.asarray(pipeline.load_potential(config, workdir).h))
+
+
+# Workdirs written by commit 6bc4c27 (ot checkpoints without named keys: the Adam state by leaf position
+# ``leaf_000`` ..., the Newton state by field name), each stopped inside its ot stage: the tiny ring run on
+# 64 codes, with Adam after its step-10 checkpoint, and with Newton (Hessian buffers shrunk to keep the file
+# small: hessian_samples_per_cell 2, top_k 2, batch_size 256) after step 1; ``expected_h.npz`` holds the
+# heights that version fitted to each config uninterrupted.
+OLD_WORKDIRS = pathlib.Path(__file__).resolve().parent / "data" / "ot_workdirs_6bc4c27.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def old_workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("old_workdirs")
+  with tarfile.open(OLD_WORKDIRS) as tar:
+    tar.extractall(root, filter="data")
+  return root
+
+
+@pytest.mark.parametrize("name,step,state_class", [("adam_ot_step10", 10, solver_lib.SolverState),
+                                                    ("newton_ot_step1", 1, newton_lib.NewtonState)])
+def test_a_workdir_written_before_named_checkpoint_keys_resumes(old_workdirs, tmp_path, name, step, state_class):
+  """The interrupted ot stage resumes from the old checkpoint to the heights that version fitted uninterrupted,
+  and saves its own steps under the state's field names."""
+  workdir = tmp_path / "old"
+  shutil.copytree(old_workdirs / name, workdir)
+  config = config_lib.config_from_dict(json.loads((workdir / "config.json").read_text()))
+  lines = []
+  pipeline.run(config, workdir, stage="ot", log=lines.append)
+  assert f"ot: resuming from solver step {step}" in lines
+  expected = np.load(old_workdirs / "expected_h.npz")[name.split("_")[0]]
+  # Equal on the machine that wrote the file; the tolerance admits another CPU's float rounding.
+  np.testing.assert_allclose(np.asarray(pipeline.load_potential(config, workdir).h), expected, rtol=0, atol=1e-4)
+  raw, _ = _saved_state(workdir)
+  assert set(raw) == {f.name for f in dataclasses.fields(state_class)}
 
 
 def test_ot_stage_without_solver_in_its_spec_was_fitted_by_adam(tmp_path):
