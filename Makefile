@@ -22,11 +22,14 @@ venv: $(VENV)/.installed
 run: venv
 	$(PY) launch.py --config $(CONFIG) --workdir $(WORKDIR)
 
+# Tests run on every core (at most 4 workers); tests that share an expensive fixture stay on one worker.
+PYTEST_PAR ?= -n auto --maxprocesses 4 --dist loadgroup
+
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PAR)
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(PYTEST_PAR)
 
 bench: venv
 	$(PY) benchmarks/bench_solver.py --quick

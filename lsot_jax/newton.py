@@ -42,9 +42,9 @@ which stays honest when M is not >> n, and stops as soon as sqrt(chi2) <= ``tol`
 more fresh sample of the last size verifies the result the same way.
 
 Contract (as :class:`lsot_jax.solver.BrenierSolver`): pure and jit-able (``jax.jit(solver)(rng, problem)``),
-the whole loop on device (one ``lax.while_loop`` per stage), preallocated histories, resumable in chunks of
-steps with identical results, usable under ``jax.vmap`` over keys, and sharded over a mesh by
-:class:`lsot_jax.sharding.ShardedNewtonSolver`.
+the whole loop on device (one ``lax.while_loop`` over all stages: the step is compiled once), preallocated
+histories, resumable in chunks of steps with identical results, usable under ``jax.vmap`` over keys, and
+sharded over a mesh by :class:`lsot_jax.sharding.ShardedNewtonSolver`.
 
 **Progress.** With ``callback`` set, every ``callback_every`` steps the loop hands a dict of Python scalars
 to that host function (``jax.debug.callback``, unordered, inside a ``lax.cond`` so other steps make no host
@@ -354,13 +354,22 @@ class NewtonSolver:
 
   # ---- static schedule ------------------------------------------------------------------------------------
 
-  def stage_sizes(self, n: int) -> Tuple[int, ...]:
-    """Sample size of each solving stage for n targets."""
+  def _raw_sizes(self, n: int) -> Tuple[int, ...]:
     first = max(self.min_samples, 1 << max(0, math.ceil(math.log2(max(1, self.samples_per_cell * n)))))
     sizes = [min(first, self.max_samples)]
     while sizes[-1] < self.max_samples:
       sizes.append(min(sizes[-1] * self.growth, self.max_samples))
     return tuple(sizes)
+
+  def stage_batch(self, n: int) -> int:
+    """Source samples per assignment batch, the same in every stage: ``batch_size``, or the first stage's
+    size if that is smaller (one batch shape for all stages, so the loop body is compiled once)."""
+    return min(self.batch_size, self._raw_sizes(n)[0])
+
+  def stage_sizes(self, n: int) -> Tuple[int, ...]:
+    """Sample size of each solving stage for n targets (each a multiple of :meth:`stage_batch`)."""
+    batch = self.stage_batch(n)
+    return tuple(-(-m // batch) * batch for m in self._raw_sizes(n))
 
   def schedule(self, n: int) -> Tuple[int, ...]:
     """Sample size of every stage the run goes through: the solving stages, then (``verify``) the
@@ -368,16 +377,16 @@ class NewtonSolver:
     sizes = self.stage_sizes(n)
     return sizes + (sizes[-1],) if self.verify else sizes
 
-  def _batch(self, m: int) -> int:
-    return min(self.batch_size, m)
-
-  def _hessian_batches(self, n: int, m: int) -> int:
-    batch = self._batch(m)
-    return max(1, min(-(-m // batch), -(-self.hessian_samples_per_cell * n // batch)))
+  def _hessian_batches(self, n: int, m):
+    """Batches of a stage of m samples (m static or traced) whose top-k feeds the Hessian."""
+    cap = max(1, -(-self.hessian_samples_per_cell * n // self.stage_batch(n)))
+    return jnp.clip(m // self.stage_batch(n), 1, cap)
 
   def hessian_rows(self, n: int) -> int:
     """R: rows of the Hessian buffers (the most Hessian samples any stage uses)."""
-    return max(self._hessian_batches(n, m) * self._batch(m) for m in self.schedule(n))
+    batch = self.stage_batch(n)
+    cap = max(1, -(-self.hessian_samples_per_cell * n // batch))
+    return min(max(self.schedule(n)) // batch, cap) * batch
 
   # ---- assignment hooks (the sharded solver overrides these) ---------------------------------------------
 
@@ -392,13 +401,14 @@ class NewtonSolver:
 
   # ---- one pass over a stage sample ----------------------------------------------------------------------
 
-  def _evaluate(self, key, problem, h, m: int) -> Dict[str, jax.Array]:
-    """Counts, energy and Hessian top-k of heights h on the stage sample of size m drawn from ``key``."""
+  def _evaluate(self, key, problem, h, m) -> Dict[str, jax.Array]:
+    """Counts, energy and Hessian top-k of heights h on the stage sample of size m (a traced multiple of
+    :meth:`stage_batch`) drawn from ``key``."""
     n = problem.num_targets
     nu = problem.weights
     h_eff = solver_lib.masked_heights(h, nu)
-    batch = self._batch(m)
-    num_batches = -(-m // batch)
+    batch = self.stage_batch(n)
+    num_batches = m // batch
     hess_batches = self._hessian_batches(n, m)
     rows = self.hessian_rows(n)
 
@@ -421,17 +431,15 @@ class NewtonSolver:
     init = (jnp.zeros((n,), jnp.int32), jnp.zeros((), jnp.float32),
             jnp.full((rows, self.top_k), -jnp.inf, jnp.float32), jnp.zeros((rows, self.top_k), jnp.int32))
     counts, total, vals_buf, idx_buf = jax.lax.fori_loop(0, hess_batches, hess_body, init)
-    if num_batches > hess_batches:
-      counts, total = jax.lax.fori_loop(hess_batches, num_batches, assign_body, (counts, total))
-    size = num_batches * batch
-    energy = total / size - jnp.sum(jnp.where(nu > 0, nu * h, 0.0))
+    counts, total = jax.lax.fori_loop(hess_batches, num_batches, assign_body, (counts, total))
+    energy = total / m - jnp.sum(jnp.where(nu > 0, nu * h, 0.0))
     return dict(counts=counts, energy=energy, top_vals=vals_buf, top_idx=idx_buf)
 
-  def _deficits(self, key, problem, h, top_vals, m: int) -> jax.Array:
+  def _deficits(self, key, problem, h, top_vals, m) -> jax.Array:
     """-column_max_gap over the Hessian rows of the stage sample: the raise each cell needs to win one."""
     n = problem.num_targets
     h_eff = solver_lib.masked_heights(h, problem.weights)
-    batch = self._batch(m)
+    batch = self.stage_batch(n)
 
     def body(b, acc):
       x = problem.source.sample(jax.random.fold_in(key, b), batch)
@@ -509,7 +517,7 @@ class NewtonSolver:
         empty_cells=state.empty_cells.at[it].set(empty),
     )
 
-  def _fresh_step(self, rng, problem, state: NewtonState, stage: int, m: int, last: bool) -> NewtonState:
+  def _fresh_step(self, rng, problem, state: NewtonState, stage, m, last) -> NewtonState:
     """Evaluates h on the stage's fresh sample: an independent error measurement, then Newton can start."""
     nu = problem.weights
     ev = self._evaluate(jax.random.fold_in(rng, stage), problem, state.h, m)
@@ -521,7 +529,7 @@ class NewtonSolver:
     finite = jnp.isfinite(ev["energy"])
     done = converged | last
     return dataclasses.replace(
-        state, it=state.it + 1, stage=jnp.where(done, jnp.int32(stage + 1), state.stage),
+        state, it=state.it + 1, stage=jnp.where(done, stage + 1, state.stage).astype(jnp.int32),
         stage_it=jnp.zeros((), jnp.int32), evaluated=~done, stalled=jnp.zeros((), bool),
         converged=converged, diverged=~finite, counts=ev["counts"], energy=ev["energy"],
         top_vals=ev["top_vals"], top_idx=ev["top_idx"], samples_scored=scored, error_bound=bound,
@@ -529,7 +537,7 @@ class NewtonSolver:
                        empty=self._num_empty(ev["counts"], nu), scored=scored),
     )
 
-  def _newton_step(self, rng, problem, state: NewtonState, stage: int, m: int) -> NewtonState:
+  def _newton_step(self, rng, problem, state: NewtonState, stage, m) -> NewtonState:
     """One damped Newton step on the stage sample (or the end of the stage)."""
     nu = problem.weights
     n = problem.num_targets
@@ -541,11 +549,11 @@ class NewtonSolver:
 
     def advance(state):
       return dataclasses.replace(
-          state, stage=jnp.int32(stage + 1), evaluated=jnp.zeros((), bool), stalled=jnp.zeros((), bool))
+          state, stage=(stage + 1).astype(jnp.int32), evaluated=jnp.zeros((), bool), stalled=jnp.zeros((), bool))
 
     def step(state):
       grad = state.counts.astype(jnp.float32) / m - nu
-      hess_rows = self._hessian_batches(n, m) * self._batch(m)
+      hess_rows = self._hessian_batches(n, m) * self.stage_batch(n)
       a, b, w, eps = hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
       degree = jax.ops.segment_sum(w, a, num_segments=n) + jax.ops.segment_sum(w, b, num_segments=n)
       # Cells that win no sample get no Newton row: their sampled Hessian rests on a few runner-up counts
@@ -616,7 +624,9 @@ class NewtonSolver:
     """Continues a run for at most ``num_steps`` steps (all remaining if None).
 
     Stage s draws its sample from ``fold_in(rng, s)``, so a run split into chunks (for checkpointing) gives
-    the same result as one call.
+    the same result as one call. One ``lax.while_loop`` runs every stage: the stage and its sample size are
+    loop values (the batch shape is the same in all stages), so the step is compiled once, whatever the
+    number of stages.
 
     Returns:
       The new state; it stops once converged, diverged, past the verification stage or out of steps.
@@ -625,33 +635,28 @@ class NewtonSolver:
     if num_steps is not None:
       end = jnp.minimum(end, state.it + jnp.asarray(num_steps, jnp.int32))
     sizes = self.schedule(problem.num_targets)
-    for stage, m in enumerate(sizes):
-      last = self.verify and stage == len(sizes) - 1
+    table = jnp.asarray(sizes, jnp.int32)
 
-      def cond(s, stage=stage):
-        return (s.stage == stage) & (s.it < end) & ~s.converged & ~s.diverged
+    def cond(s):
+      return (s.stage < len(sizes)) & (s.it < end) & ~s.converged & ~s.diverged
 
-      def step(s, stage=stage, m=m, last=last):
-        if last:
-          return self._fresh_step(rng, problem, s, stage, m, last=True)
-        return jax.lax.cond(
-            s.evaluated,
-            lambda s: self._newton_step(rng, problem, s, stage, m),
-            lambda s: self._fresh_step(rng, problem, s, stage, m, last=False),
-            s)
+    def body(s):
+      stage = jnp.minimum(s.stage, len(sizes) - 1)
+      m = table[stage]
+      last = jnp.asarray(self.verify, bool) & (stage == len(sizes) - 1)
+      return jax.lax.cond(
+          s.evaluated & ~last,
+          lambda s: self._newton_step(rng, problem, s, stage, m),
+          lambda s: self._fresh_step(rng, problem, s, stage, m, last),
+          s)
 
-      # The guard (always true inside the loop) keeps XLA from hoisting the sample generation of a stage
-      # out of its while loop: without it, every call paid for the sampling of every later stage (a chunk
-      # of one step at n = 2,000 took 16.6 s instead of 0.5 s with a 2^22 last stage).
-      body = lambda s, stage=stage, step=step: jax.lax.cond(s.stage == stage, step, lambda s: s, s)  # pylint: disable=unnecessary-lambda-assignment
-      if self.callback is not None:
-        body = self._reporting(body, cond, stage)
-      state = jax.lax.while_loop(cond, body, state)
-    return state
+    if self.callback is not None:
+      body = self._reporting(body, cond, len(sizes))
+    return jax.lax.while_loop(cond, body, state)
 
   # ---- progress ------------------------------------------------------------------------------------------
 
-  def _reporting(self, body, cond, stage: int):
+  def _reporting(self, body, cond, num_stages: int):
     """``body`` followed by a callback call when the step it took is due.
 
     ``due`` repeats the loop condition: under ``jax.vmap`` the loop body also runs for elements whose loop
@@ -667,7 +672,7 @@ class NewtonSolver:
       due = active & (after.it > before.it) & (after.it % self.callback_every == 0)
       i = jnp.maximum(after.it - 1, 0)
       record = dict(step=after.it, num_samples=after.sample_sizes[i], l1=after.errors[i],
-                    energy=after.energies[i], stage=jnp.int32(stage), alpha=after.alphas[i],
+                    energy=after.energies[i], stage=jnp.minimum(before.stage, num_stages - 1), alpha=after.alphas[i],
                     empty=after.empty_cells[i])
       jax.lax.cond(due, lambda: jax.debug.callback(host, due, record, ordered=False), lambda: None)
 

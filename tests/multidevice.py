@@ -1,8 +1,8 @@
 """Runs checks in a child process that sees several forced CPU devices.
 
 The device count is fixed when JAX starts, and pytest's process already runs JAX on one CPU device, so a test
-module lists its multi-device checks, runs itself as a script in ONE subprocess (``run_child``) whose
-``__main__`` calls ``child_main``, and gets each check's outcome back as JSON.
+module lists its multi-device checks, runs itself as a script in a subprocess (``run_child``; one per group of
+checks) whose ``__main__`` calls ``child_main``, and gets each check's outcome back as JSON.
 """
 import json
 import os
@@ -26,9 +26,17 @@ def child_main(checks: Sequence[Callable[[], None]]) -> None:
   print(_PREFIX + json.dumps(results), flush=True)
 
 
-def run_child(script: str, num_devices: int) -> Dict[str, str]:
-  """Runs ``script`` with ``num_devices`` forced CPU devices and returns its ``child_main`` results."""
+GROUP_ENV = "LSOT_TEST_CHILD_GROUP"
+
+
+def run_child(script: str, num_devices: int, group: str = "") -> Dict[str, str]:
+  """Runs ``script`` with ``num_devices`` forced CPU devices and returns its ``child_main`` results.
+
+  ``group`` is handed to the child in the ``LSOT_TEST_CHILD_GROUP`` environment variable, so that a module
+  can split its checks over several children (which parallel test workers then run at the same time).
+  """
   env = dict(os.environ)
+  env[GROUP_ENV] = group
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_NUMPY_RANK_PROMOTION"] = "raise"

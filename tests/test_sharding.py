@@ -1,12 +1,13 @@
 """Tests for lsot_jax.sharding.
 
 The multi-device checks need ``--xla_force_host_platform_device_count=4`` before JAX starts, and pytest's
-process already runs JAX on one CPU device, so they run in ONE subprocess (this file executed as a script,
-``_CHILD_CHECKS``), which reports each check's outcome as JSON; each test below asserts one of them.
+process already runs JAX on one CPU device, so they run in two subprocesses (this file executed as a script,
+one per group of ``_CHILD_GROUPS``), which report each check's outcome as JSON; each test below asserts one.
 References are independent: a float64 NumPy argmax / bincount, and the single-device solver and optax step.
 """
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -267,28 +268,28 @@ def check_data_parallel_step():
     raise AssertionError("an uneven batch must raise")
 
 
-_CHILD_CHECKS = (
-    check_assign_matches_reference,
-    check_ties_lowest_global_index,
-    check_cell_masses_sharded_like_h,
-    check_assign_equals_single_device_any_tiling,
-    check_solve_equals_single_device,
-    check_solve_with_callback_equals_single_device,
-    check_solve_with_weights_and_h_init,
-    check_top_k_matches_reference,
-    check_newton_solve_equals_single_device,
-    check_data_parallel_step,
-)
+# Two children (one 4-device process each), so that parallel test workers can run them at the same time.
+_CHILD_GROUPS = {
+    "kernels": (check_assign_matches_reference, check_ties_lowest_global_index, check_cell_masses_sharded_like_h,
+                check_assign_equals_single_device_any_tiling, check_top_k_matches_reference,
+                check_newton_solve_equals_single_device),
+    "solvers": (check_solve_equals_single_device, check_solve_with_callback_equals_single_device,
+                check_solve_with_weights_and_h_init, check_data_parallel_step),
+}
+_CHILD_RESULTS = {}
 
 
-@pytest.fixture(scope="module")
-def child_results():
-  return multidevice.run_child(__file__, _NUM_DEVICES)
+def _child_results(group):
+  if group not in _CHILD_RESULTS:
+    _CHILD_RESULTS[group] = multidevice.run_child(__file__, _NUM_DEVICES, group)
+  return _CHILD_RESULTS[group]
 
 
-@pytest.mark.parametrize("name", [c.__name__ for c in _CHILD_CHECKS])
-def test_on_four_devices(child_results, name):
-  assert child_results[name] == "ok", child_results[name]
+@pytest.mark.parametrize("group,name", [
+    pytest.param(group, check.__name__, marks=pytest.mark.xdist_group(f"sharding-{group}"), id=check.__name__)
+    for group, checks in _CHILD_GROUPS.items() for check in checks])
+def test_on_four_devices(group, name):
+  assert _child_results(group)[name] == "ok", _child_results(group)[name]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,4 +351,4 @@ def test_bad_inputs():
 
 if __name__ == "__main__":
   jax.config.update("jax_numpy_rank_promotion", "raise")
-  multidevice.child_main(_CHILD_CHECKS)
+  multidevice.child_main(_CHILD_GROUPS[os.environ[multidevice.GROUP_ENV]])
