@@ -85,8 +85,14 @@ def make_evaluator(problem, num_eval: int) -> Callable[[jax.Array], Dict[str, fl
   return evaluate
 
 
+def _print_step(record: Dict[str, Any]) -> None:
+  """The solver's progress callback: its own view of each step (no evaluation cost)."""
+  print(f"      step {record['step']}: stage {record['stage']}, M {record['num_samples']}, sample L1 "
+        f"{record['l1']:.4f}, alpha {record['alpha']:.3g}, empty {record['empty']}", flush=True)
+
+
 def run_newton(problem, evaluate, max_seconds: float, eval_every_step: bool = True, **kwargs) -> Dict[str, Any]:
-  solver = newton_lib.NewtonSolver(**kwargs)
+  solver = newton_lib.NewtonSolver(**dict(dict(callback=_print_step), **kwargs))
   run = jax.jit(solver.run, static_argnames="num_steps")
   rng = jax.random.key(7)
   init = jax.jit(solver.init)

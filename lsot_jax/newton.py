@@ -26,7 +26,8 @@ closest to winning, plus eps (:func:`lsot_jax.kernels.column_max_gap`).
 **Damping** (Kitagawa-Merigot-Thibert): try alpha = 1, 1/2, ..., starting from half the previous number of
 halvings (as geogram does), and accept the first step after which no more cells are empty and the L1 error
 fell to at most (1 - alpha / 2) times its value. Both points are evaluated on the *same* samples, so noise
-cannot fake progress.
+cannot fake progress. A trial only counts cells (the assignment kernel); the top-k pass over the Hessian rows,
+the slower kernel, runs once per accepted step.
 
 **Sample growth.** Each stage s fixes one sample of M_s = M_0 * growth^s source points (regenerated from the
 key ``fold_in(rng, s)`` batch by batch, so memory stays O(batch * d + n)) and solves the energy of that
@@ -60,6 +61,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from lsot_jax import hessian
 from lsot_jax import kernels
 from lsot_jax import multiscale
 from lsot_jax import solver as solver_lib
@@ -74,6 +76,11 @@ __all__ = [
 ]
 
 INITIALISATIONS = ("multiscale", "gaussian", "voronoi", "zero")
+
+# The Hessian and its linear algebra live in lsot_jax.hessian; re-exported here, where users look for them.
+hessian_edges = hessian.hessian_edges
+laplacian_matvec = hessian.laplacian_matvec
+pcg = hessian.pcg
 
 
 def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, source_var: jax.Array) -> jax.Array:
@@ -103,88 +110,6 @@ def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, s
   # A^(-1) = sqrt(v) S^(-1/2).
   a_inv = (evecs * (jnp.sqrt(source_var) / jnp.sqrt(jnp.maximum(evals, 1e-30)))[None, :]) @ evecs.T
   return -0.5 * jnp.sum((z @ a_inv) * z, axis=1) - z @ source_mean
-
-
-def hessian_edges(
-    vals: jax.Array, idx: jax.Array, num_rows, band_quantile: float
-) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The sampled Hessian as a weighted edge list, from the top-k scores of M_H samples.
-
-  Args:
-    vals: Array of shape [R, k], descending top-k scores (rows that are not samples hold ``-inf``).
-    idx: int32 array of shape [R, k], their cells.
-    num_rows: M_H, the number of real sample rows (a scalar).
-    band_quantile: eps is this quantile of the real rows' gaps s_(1) - s_(2).
-
-  Returns:
-    ``(a, b, w, eps)``: int32 arrays of shape [R * (k - 1)] (edge ends) and the weight array of that shape,
-    w = 1 / (2 M_H eps) for a pair within the band, 0 otherwise; and eps (scalar). The Laplacian of these
-    edges estimates H.
-  """
-  gaps = vals[:, :1] - vals[:, 1:]
-  real = jnp.isfinite(vals[:, 0])
-  first = jnp.where(real & jnp.isfinite(gaps[:, 0]), gaps[:, 0], jnp.nan)
-  eps = jnp.nanquantile(first, band_quantile)
-  eps = jnp.where(jnp.isfinite(eps) & (eps > 0), eps, jnp.nanmax(jnp.where(first > 0, first, jnp.nan)))
-  eps = jnp.where(jnp.isfinite(eps) & (eps > 0), eps, 1.0)
-  in_band = real[:, None] & jnp.isfinite(gaps) & (gaps < eps)
-  w = jnp.where(in_band, 1.0 / (2.0 * jnp.asarray(num_rows, vals.dtype) * eps), 0.0)
-  a = jnp.broadcast_to(idx[:, :1], gaps.shape)
-  return a.reshape(-1), idx[:, 1:].reshape(-1), w.reshape(-1), eps
-
-
-def laplacian_matvec(a: jax.Array, b: jax.Array, w: jax.Array, v: jax.Array) -> jax.Array:
-  """(L v) for the graph Laplacian of the weighted edges (a, b, w): (L v)_i = sum_{e ~ i} w_e (v_i - v_other).
-
-  Args:
-    a: int32 array of shape [E], first ends.
-    b: int32 array of shape [E], second ends.
-    w: Array of shape [E], weights (0 for unused slots).
-    v: Array of shape [n].
-
-  Returns:
-    Array of shape [n].
-  """
-  n = v.shape[0]
-  flow = w * (v[a] - v[b])
-  return jax.ops.segment_sum(flow, a, num_segments=n) - jax.ops.segment_sum(flow, b, num_segments=n)
-
-
-def pcg(matvec, rhs: jax.Array, diag: jax.Array, *, tol: float, max_iter: int) -> Tuple[jax.Array, jax.Array]:
-  """Jacobi-preconditioned conjugate gradient for a symmetric positive definite operator.
-
-  Args:
-    matvec: v [n] -> A v [n].
-    rhs: Array of shape [n].
-    diag: Array of shape [n], positive: the preconditioner diag(A).
-    tol: stop when |r| <= tol |rhs|.
-    max_iter: iteration cap (static).
-
-  Returns:
-    ``(x, iterations)``: Array of shape [n] and a scalar int32.
-  """
-  inv = 1.0 / diag
-  target = (tol * jnp.linalg.norm(rhs)) ** 2
-
-  def cond(c):
-    k, _, r, _, _ = c
-    return (k < max_iter) & (jnp.sum(r * r) > target)
-
-  def body(c):
-    k, x, r, p, rz = c
-    ap = matvec(p)
-    alpha = rz / jnp.maximum(jnp.sum(p * ap), 1e-30)
-    x = x + alpha * p
-    r = r - alpha * ap
-    z = inv * r
-    rz_new = jnp.sum(r * z)
-    p = z + (rz_new / jnp.maximum(rz, 1e-30)) * p
-    return k + 1, x, r, p, rz_new
-
-  z0 = inv * rhs
-  init = (jnp.zeros((), jnp.int32), jnp.zeros_like(rhs), rhs, z0, jnp.sum(rhs * z0))
-  k, x, _, _, _ = jax.lax.while_loop(cond, body, init)
-  return x, k
 
 
 @jax.tree_util.register_dataclass
@@ -401,25 +326,41 @@ class NewtonSolver:
 
   # ---- one pass over a stage sample ----------------------------------------------------------------------
 
-  def _evaluate(self, key, problem, h, m) -> Dict[str, jax.Array]:
-    """Counts, energy and Hessian top-k of heights h on the stage sample of size m (a traced multiple of
-    :meth:`stage_batch`) drawn from ``key``."""
+  def _top_k_batch(self, key, problem, h_eff, b, bufs):
+    """Top-k of batch b of the stage sample, written into the Hessian buffers ``bufs`` = (vals, idx)."""
+    batch = self.stage_batch(problem.num_targets)
+    x = problem.source.sample(jax.random.fold_in(key, b), batch)
+    vals, idx = self._top_k_cells(x, problem.y, h_eff)
+    bufs = (jax.lax.dynamic_update_slice(bufs[0], vals, (b * batch, 0)),
+            jax.lax.dynamic_update_slice(bufs[1], idx, (b * batch, 0)))
+    return vals, idx, bufs
+
+  def _empty_buffers(self, n: int) -> Tuple[jax.Array, jax.Array]:
+    rows = self.hessian_rows(n)
+    return jnp.full((rows, self.top_k), -jnp.inf, jnp.float32), jnp.zeros((rows, self.top_k), jnp.int32)
+
+  def _hessian_top_k(self, key, problem, h, m) -> Tuple[jax.Array, jax.Array]:
+    """The Hessian buffers (top-k scores [R, k] and cells [R, k]) of heights h on the stage sample."""
+    h_eff = solver_lib.masked_heights(h, problem.weights)
+    body = lambda b, bufs: self._top_k_batch(key, problem, h_eff, b, bufs)[2]  # pylint: disable=unnecessary-lambda-assignment
+    return jax.lax.fori_loop(0, self._hessian_batches(problem.num_targets, m), body,
+                             self._empty_buffers(problem.num_targets))
+
+  def _evaluate(self, key, problem, h, m, with_top_k: bool = True) -> Dict[str, jax.Array]:
+    """Counts, energy and (``with_top_k``) the Hessian top-k of heights h on the stage sample of size m (a
+    traced multiple of :meth:`stage_batch`) drawn from ``key``."""
     n = problem.num_targets
     nu = problem.weights
     h_eff = solver_lib.masked_heights(h, nu)
     batch = self.stage_batch(n)
     num_batches = m // batch
-    hess_batches = self._hessian_batches(n, m)
-    rows = self.hessian_rows(n)
+    hess_batches = self._hessian_batches(n, m) if with_top_k else 0
 
     def hess_body(b, carry):
-      counts, total, vals_buf, idx_buf = carry
-      x = problem.source.sample(jax.random.fold_in(key, b), batch)
-      vals, idx = self._top_k_cells(x, problem.y, h_eff)
+      counts, total, bufs = carry
+      vals, idx, bufs = self._top_k_batch(key, problem, h_eff, b, bufs)
       counts = counts + jax.ops.segment_sum(jnp.ones((batch,), jnp.int32), idx[:, 0], num_segments=n)
-      vals_buf = jax.lax.dynamic_update_slice(vals_buf, vals, (b * batch, 0))
-      idx_buf = jax.lax.dynamic_update_slice(idx_buf, idx, (b * batch, 0))
-      return counts, total + jnp.sum(vals[:, 0]), vals_buf, idx_buf
+      return counts, total + jnp.sum(vals[:, 0]), bufs
 
     def assign_body(b, carry):
       counts, total = carry
@@ -428,12 +369,14 @@ class NewtonSolver:
       counts = counts + jax.ops.segment_sum(jnp.ones((batch,), jnp.int32), idx, num_segments=n)
       return counts, total + jnp.sum(best)
 
-    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((), jnp.float32),
-            jnp.full((rows, self.top_k), -jnp.inf, jnp.float32), jnp.zeros((rows, self.top_k), jnp.int32))
-    counts, total, vals_buf, idx_buf = jax.lax.fori_loop(0, hess_batches, hess_body, init)
+    counts, total = jnp.zeros((n,), jnp.int32), jnp.zeros((), jnp.float32)
+    out = {}
+    if with_top_k:
+      counts, total, (out["top_vals"], out["top_idx"]) = jax.lax.fori_loop(
+          0, hess_batches, hess_body, (counts, total, self._empty_buffers(n)))
     counts, total = jax.lax.fori_loop(hess_batches, num_batches, assign_body, (counts, total))
     energy = total / m - jnp.sum(jnp.where(nu > 0, nu * h, 0.0))
-    return dict(counts=counts, energy=energy, top_vals=vals_buf, top_idx=idx_buf)
+    return dict(out, counts=counts, energy=energy)
 
   def _deficits(self, key, problem, h, top_vals, m) -> jax.Array:
     """-column_max_gap over the Hessian rows of the stage sample: the raise each cell needs to win one."""
@@ -554,7 +497,7 @@ class NewtonSolver:
     def step(state):
       grad = state.counts.astype(jnp.float32) / m - nu
       hess_rows = self._hessian_batches(n, m) * self.stage_batch(n)
-      a, b, w, eps = hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
+      a, b, w, eps = hessian.hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
       degree = jax.ops.segment_sum(w, a, num_segments=n) + jax.ops.segment_sum(w, b, num_segments=n)
       # Cells that win no sample get no Newton row: their sampled Hessian rests on a few runner-up counts
       # and a Newton raise nu_i / H_ii would be huge. They are raised by their deficit + eps instead (they
@@ -570,10 +513,10 @@ class NewtonSolver:
       free_degree = jnp.where(free, degree, 0.0)
       mean_degree = jnp.sum(free_degree) / jnp.maximum(jnp.sum(free), 1)
       reg = jnp.where(free, self.regularisation * mean_degree, 1.0)
-      rhs = jnp.where(free, -grad - laplacian_matvec(a, b, w, raise_by), 0.0)
+      rhs = jnp.where(free, -grad - hessian.laplacian_matvec(a, b, w, raise_by), 0.0)
       mask = free.astype(jnp.float32)
-      matvec = lambda v: mask * laplacian_matvec(a, b, w, mask * v) + reg * v  # pylint: disable=unnecessary-lambda-assignment
-      dh, cg_iters = pcg(matvec, rhs, free_degree + reg, tol=self.cg_tol, max_iter=self.cg_max_iter)
+      matvec = lambda v: mask * hessian.laplacian_matvec(a, b, w, mask * v) + reg * v  # pylint: disable=unnecessary-lambda-assignment
+      dh, cg_iters = hessian.pcg(matvec, rhs, free_degree + reg, tol=self.cg_tol, max_iter=self.cg_max_iter)
       dh = jnp.where(free & jnp.isfinite(dh), dh, 0.0)
       empty = self._num_empty(state.counts, nu)
       start = jnp.maximum(state.halvings // 2, 0)
@@ -587,18 +530,23 @@ class NewtonSolver:
         alpha = 2.0 ** (-j.astype(jnp.float32))
         # Empty cells: their deficit in full (less would leave them empty), the margin eps scaled by alpha.
         h_new = solver_lib.centre(state.h + alpha * dh + jnp.where(empty_cells, raise_by + alpha * eps, 0.0), nu)
-        ev = self._evaluate(key, problem, h_new, m)
+        # A trial only needs the counts (the fast assignment kernel); the top-k of the accepted heights is
+        # computed once, after the search.
+        ev = self._evaluate(key, problem, h_new, m, with_top_k=False)
         err_new = self._l1(ev["counts"], nu, m)
         ok = (err_new <= (1.0 - alpha / 2.0) * error) & (self._num_empty(ev["counts"], nu) <= empty)
         ok = ok & jnp.isfinite(ev["energy"])
         return j + 1, ok, dict(ev, h=h_new)
 
-      template = dict(self._evaluate_shapes(problem, state), h=state.h)
-      # Guarded like the stage loops in `run`: the trial's samples must not be hoisted (materialised).
+      template = dict(counts=state.counts, energy=state.energy, h=state.h)
+      # The guard (always true inside the loop) keeps XLA from hoisting the trial's loop-invariant sampling out
+      # of the loop, which would materialise the whole stage sample.
       guarded = lambda c: jax.lax.cond(c[0] <= self.max_halvings, ls_body, lambda c: c, c)  # pylint: disable=unnecessary-lambda-assignment
       j, accepted, ev = jax.lax.while_loop(ls_cond, guarded, (start, jnp.zeros((), bool), template))
       trials = (j - start).astype(jnp.float32)
-      extra = jnp.where(jnp.any(empty_cells), hess_rows, 0)
+      top_vals, top_idx = jax.lax.cond(accepted, lambda: self._hessian_top_k(key, problem, ev["h"], m),
+                                       lambda: (state.top_vals, state.top_idx))
+      extra = jnp.where(jnp.any(empty_cells), hess_rows, 0) + jnp.where(accepted, hess_rows, 0)
       scored = state.samples_scored + trials * m + extra
       alpha = jnp.where(accepted, 2.0 ** (-(j - 1).astype(jnp.float32)), 0.0)
       keep = lambda new, old: jnp.where(accepted, new, old)  # pylint: disable=unnecessary-lambda-assignment
@@ -608,16 +556,12 @@ class NewtonSolver:
       return dataclasses.replace(
           state, it=state.it + 1, stage_it=state.stage_it + 1, stalled=~accepted,
           halvings=jnp.where(accepted, j - 1, state.halvings), h=keep(ev["h"], state.h), counts=counts,
-          energy=energy, top_vals=keep(ev["top_vals"], state.top_vals),
-          top_idx=keep(ev["top_idx"], state.top_idx), samples_scored=scored,
+          energy=energy, top_vals=top_vals, top_idx=top_idx, samples_scored=scored,
           **self._record(state, it=state.it, error=new_error, m=m, energy=energy, alpha=alpha, cg=cg_iters,
                          empty=self._num_empty(counts, nu), scored=scored),
       )
 
     return jax.lax.cond(end_stage, advance, step, state)
-
-  def _evaluate_shapes(self, problem, state: NewtonState) -> Dict[str, jax.Array]:
-    return dict(counts=state.counts, energy=state.energy, top_vals=state.top_vals, top_idx=state.top_idx)
 
   def run(self, rng: jax.Array, problem: solver_lib.SemidiscreteProblem, state: NewtonState,
           num_steps=None) -> NewtonState:

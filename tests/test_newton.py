@@ -327,7 +327,7 @@ def test_callback_under_vmap_gets_one_record_per_element_and_due_step():
   steps that are not due), and each element's records hold its own history entries."""
   problem = _clustered_problem(n=30, d=2, clusters=3)
   records = []
-  solver = newton.NewtonSolver(num_iterations=8, min_samples=1 << 11, max_samples=1 << 12,
+  solver = newton.NewtonSolver(num_iterations=10, min_samples=1 << 11, max_samples=1 << 12,
                                callback=records.append, callback_every=2)
   keys = jax.random.split(jax.random.key(0), 3)
   _, state = jax.jit(jax.vmap(solver.__call__, in_axes=(0, None)))(keys, problem)
