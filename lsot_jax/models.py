@@ -18,6 +18,9 @@ Architectures (kept modest so MNIST trains on a CPU in minutes):
   (input shape ``(2,)``) and small images (sklearn digits, ``(8, 8, 1)``).
 * ``"conv28"``: two 4x4 stride-2 convolutions (28 -> 14 -> 7) and a dense layer to the latent code; the
   decoder is a dense layer and two stride-2 transposed convolutions (7 -> 14 -> 28). For MNIST / Fashion.
+  The transposed convolutions are computed by :func:`conv_transpose_stride2` (one matmul and overlapping
+  adds), equal to ``nnx.ConvTranspose``'s output on the same kernel but ~3.5x faster to differentiate on
+  the CPU, where XLA's kernel gradient of an input-dilated convolution is the slow part of a training step.
 * ``"conv64"``: the same with four stride-2 stages (64 -> 32 -> 16 -> 8 -> 4). For 64x64x3 CelebA.
 
 Image decoders end in a sigmoid (outputs in [0, 1]); point decoders are linear.
@@ -41,6 +44,7 @@ __all__ = [
     "classifier_apply",
     "classifier_features",
     "classifier_logits",
+    "conv_transpose_stride2",
     "classifier_loss",
     "decode",
     "decode_logits",
@@ -155,6 +159,50 @@ def _check_batch(x: jax.Array, shape: Tuple[int, ...], what: str) -> None:
     raise ValueError(f"{what} expects inputs of shape [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}.")
 
 
+def _overlap_add(q: jax.Array, axis: int) -> jax.Array:
+  """Folds 4-tap stride-2 contributions along one axis into the SAME-padded output.
+
+  Args:
+    q: [..., L, 2, 2, ...] with the input position at ``axis``, then the tap's block offset t and phase p
+      (tap r = 2 t + p of the flipped kernel, which lands on full-output position 2 (i + t) + p).
+
+  Returns:
+    [..., 2 L, ...]: the full output of length 2 L + 2 with its first and last positions cut off, which is
+    what ``padding="SAME"`` keeps.
+  """
+  pad_after = [(0, 0)] * (q.ndim - 1)
+  pad_before = list(pad_after)
+  pad_after[axis] = (0, 1)
+  pad_before[axis] = (1, 0)
+  full = jnp.pad(jnp.take(q, 0, axis=axis + 1), pad_after) + jnp.pad(jnp.take(q, 1, axis=axis + 1), pad_before)
+  shape = full.shape
+  full = full.reshape(shape[:axis] + (2 * shape[axis],) + shape[axis + 2:])
+  return jax.lax.slice_in_dim(full, 1, 2 * shape[axis] - 1, axis=axis)
+
+
+def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 4x4, stride-2, ``padding="SAME"`` transposed convolution as one matmul and overlapping adds.
+
+  The same function as ``nnx.ConvTranspose(c, o, (4, 4), strides=2, padding="SAME")`` without its bias
+  (``lax.conv_transpose``, kernel not flipped): every input pixel's ``x @ kernel`` patch of 4x4 outputs is
+  added at stride 2. XLA computes the transposed convolution as a convolution of the zero-dilated input,
+  whose kernel gradient on the CPU is several times slower than the matmul's; this form also skips the
+  multiplications by the inserted zeros.
+
+  Args:
+    x: [B, H, W, C] inputs.
+    kernel: [4, 4, C, O], in ``nnx.ConvTranspose``'s layout.
+
+  Returns:
+    [B, 2 H, 2 W, O].
+  """
+  b, h, w, _ = x.shape
+  o = kernel.shape[-1]
+  patches = jnp.einsum("bhwc,uvco->bhwuvo", x, kernel[::-1, ::-1]).reshape(b, h, w, 2, 2, 2, 2, o)
+  patches = patches.transpose(0, 1, 3, 4, 2, 5, 6, 7)  # [B, H, t_h, p_h, W, t_w, p_w, O]
+  return _overlap_add(_overlap_add(patches, 1), 2)
+
+
 def _stage_name(prefix: str, i: int) -> str:
   return f"{prefix}{i}"
 
@@ -223,7 +271,8 @@ class _Decoder(nnx.Module):
       return self.out(h).reshape((z.shape[0],) + self.input_shape)
     h = jax.nn.relu(self.inp(z)).reshape((z.shape[0],) + self.base_shape)
     for i in range(self.num_layers):
-      h = getattr(self, _stage_name("deconv", i))(h)
+      deconv = getattr(self, _stage_name("deconv", i))
+      h = conv_transpose_stride2(h, deconv.kernel[...]) + deconv.bias[...].reshape(1, 1, 1, -1)
       if i < self.num_layers - 1:
         h = jax.nn.relu(h)
     return h

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
+from flax import nnx
+
 from lsot_jax import models
 
 AE_CASES = [
@@ -189,3 +191,38 @@ def test_init_is_lecun_normal(rng):
     assert np.abs(kernel).max() <= 2.0 / 0.8796 / np.sqrt(fan_in) + 1e-6
     assert abs(stats.skew(kernel.ravel())) < 0.2
     np.testing.assert_array_equal(layer["bias"], 0.0)
+
+
+@pytest.mark.parametrize("channels,size", [((64, 32), 7), ((32, 1), 14), ((3, 5), 4)])
+def test_conv_transpose_stride2_matches_flax_conv_transpose(channels, size, np_rng):
+  """The matmul form equals flax's own transposed convolution (values and gradients) on the same kernel."""
+  c, o = channels
+  layer = nnx.ConvTranspose(c, o, (4, 4), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+  kernel = layer.kernel[...]
+  x = jnp.asarray(np_rng.standard_normal((3, size, size, c)), jnp.float32)
+  reference = layer(x) - layer.bias[...].reshape(1, 1, 1, -1)
+  got = models.conv_transpose_stride2(x, kernel)
+  assert got.shape == (3, 2 * size, 2 * size, o)
+  np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+
+  def flax_loss(kernel, x):
+    return jnp.sum(jnp.sin(jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+
+  def our_loss(kernel, x):
+    return jnp.sum(jnp.sin(models.conv_transpose_stride2(x, kernel)))
+
+  for want, have in zip(jax.grad(flax_loss, (0, 1))(kernel, x), jax.grad(our_loss, (0, 1))(kernel, x)):
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_decoder_uses_its_conv_transpose_parameters(rng, np_rng):
+  """decode() equals the decoder rebuilt from flax layers holding the same parameters."""
+  cfg = models.AutoencoderConfig(kind="conv28", latent_dim=4, widths=(8, 16))
+  graphdef, params = models.init_autoencoder(rng, cfg)
+  z = jnp.asarray(np_rng.standard_normal((2, 4)), jnp.float32)
+  model = nnx.merge(graphdef, params)
+  dec = model.decoder
+  h = jax.nn.relu(dec.inp(z)).reshape((2, 7, 7, 16))
+  h = jax.nn.relu(dec.deconv0(h))
+  reference = jax.nn.sigmoid(dec.deconv1(h))
+  np.testing.assert_allclose(models.decode(graphdef, params, z), reference, rtol=1e-5, atol=1e-5)
