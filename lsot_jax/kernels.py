@@ -56,6 +56,7 @@ import numpy as np
 
 __all__ = [
     "MASKED_HEIGHT",
+    "TOP_K_GROUP",
     "assign",
     "cell_histogram",
     "column_max_gap",
@@ -84,6 +85,9 @@ _PAD_HEIGHT = MASKED_HEIGHT
 # Scores are computed at float32 "highest" precision everywhere: on GPUs the default TF32 matmul rounds to
 # ~1e-3 relative and flips near-ties of the argmax (and the top-k gaps the Newton solver's Hessian reads).
 _PRECISION = jax.lax.Precision.HIGHEST
+# Columns per group whose maximum the top-k kernel reduces first (fastest of 8 / 16 / 32 / 64 at k = 4,
+# d = 64 on the 2-core CPU); top_k rounds its tiles to multiples of it.
+TOP_K_GROUP = 32
 # "No index found" in the fused sweep 2 and the cross-shard pmin.
 _INT_MAX = int(np.iinfo(np.int32).max)
 # The fused sweep 2 encodes in-tile indices as floats: they must be exact.
@@ -362,18 +366,8 @@ def cell_histogram(
   return jax.ops.segment_sum(weights, idx, num_segments=num_cells)
 
 
-def _tile_top_k(s: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
-  """The k highest scores of each row of one [Mc, T] tile, descending, and their in-tile indices.
-
-  k rounds of two plain float reductions (the next-lower maximum, then the lowest index attaining it) over
-  the tile, which XLA:CPU vectorises; a variadic sort or ``lax.top_k`` over the whole tile does not (it ran
-  ~100x slower at k = 8). Exactly equal scores in one row keep only the lowest index (duplicate codes are
-  merged by :func:`lsot_jax.solver.make_problem`, so exact ties are measure-zero). Rows with fewer than k
-  finite scores end with ``-inf`` values, index 0.
-
-  Returns:
-    ``(vals [Mc, k], idx [Mc, k] int32)``.
-  """
+def _rounds_top_k(s: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
+  """k rounds of two plain float reductions over [Mc, T]: the next-lower maximum, then its lowest index."""
   iota = jnp.arange(s.shape[1], dtype=s.dtype)
   vals, idx = [], []
   prev = jnp.full((s.shape[0],), jnp.inf, s.dtype)
@@ -384,6 +378,33 @@ def _tile_top_k(s: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
     idx.append(jnp.where(jnp.isfinite(i), -i, 0.0).astype(jnp.int32))
     prev = v
   return jnp.stack(vals, axis=1), jnp.stack(idx, axis=1)
+
+
+def _tile_top_k(s: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
+  """The k highest scores of each row of one [Mc, T] tile, descending, and their in-tile indices.
+
+  Plain float reductions, which XLA:CPU vectorises (a variadic sort or ``lax.top_k`` over the whole tile
+  does not: it ran ~100x slower at k = 8). When T is a multiple of :data:`TOP_K_GROUP` with at least 2 k
+  groups, one max over each group of consecutive columns comes first: the k best scores lie in the k
+  groups of highest maximum (a group holding one of them has its maximum >= the k-th best score, and at
+  most k groups can), so k rounds over the group maxima pick those groups, and k rounds over their
+  k x ``TOP_K_GROUP`` gathered scores give the result: ~1.2 passes over the tile instead of 2 k (4.4x
+  faster per tile at k = 4, T = 2,048, d = 64 on the 2-core CPU). Exactly equal scores in one row keep
+  only the lowest index (duplicate codes are merged by :func:`lsot_jax.solver.make_problem`, so exact ties
+  are measure-zero). Rows with fewer than k finite scores end with ``-inf`` values, index 0.
+
+  Returns:
+    ``(vals [Mc, k], idx [Mc, k] int32)``.
+  """
+  mc, t = s.shape
+  group = TOP_K_GROUP
+  if t % group or t // group < 2 * k:
+    return _rounds_top_k(s, k)
+  grouped = s.reshape(mc, t // group, group)
+  _, best_groups = _rounds_top_k(jnp.max(grouped, axis=2), k)
+  candidates = jnp.take_along_axis(grouped, best_groups[:, :, None], axis=1).reshape(mc, k * group)
+  vals, pos = _rounds_top_k(candidates, k)
+  return vals, jnp.take_along_axis(best_groups, pos // group, axis=1) * group + pos % group
 
 
 def _merge_top_k(
@@ -437,6 +458,8 @@ def top_k(
   m, d = x.shape
   n = y.shape[0]
   tile = _balanced_tile(n, max(tile_size, k))
+  if tile >= 2 * k * TOP_K_GROUP:  # whole groups, so that _tile_top_k reduces group maxima first
+    tile = -(-tile // TOP_K_GROUP) * TOP_K_GROUP
   num_tiles = -(-n // tile)
   y_tiles = _pad_to(y, num_tiles * tile, 0.0).reshape(num_tiles, tile, d)
   # Padding scores -inf, not MASKED_HEIGHT: a padded target must never enter the top k.

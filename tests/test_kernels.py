@@ -277,3 +277,29 @@ def test_assign_large_problem_runs_and_matches_on_a_subset(np_rng):
   clear = gap > 1e-3
   np.testing.assert_array_equal(np.asarray(idx)[clear], ref_idx[clear])
   np.testing.assert_allclose(np.asarray(best), ref_best, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,k,tile_size", [(5, 8, 2048), (300, 4, 2048), (3000, 4, 1024), (2500, 8, 4096),
+                                           (4099, 1, 2048), (700, 2, 256)])
+def test_top_k_matches_numpy_argsort(n, k, tile_size):
+  """The k best cells (plain rounds and the group-maxima path) equal a float64 NumPy sort of the dense scores."""
+  rng = np.random.default_rng(n + k)
+  m, d = 600, 16
+  x = rng.standard_normal((m, d)).astype(np.float32)
+  y = rng.standard_normal((n, d)).astype(np.float32)
+  h = rng.standard_normal(n).astype(np.float32)
+  h[::7] = kernels.MASKED_HEIGHT  # masked cells must rank below every live one
+  vals, idx = jax.jit(lambda x: kernels.top_k(x, jnp.asarray(y), jnp.asarray(h), k, tile_size=tile_size,
+                                              row_chunk=128))(jnp.asarray(x))
+  vals, idx = np.asarray(vals), np.asarray(idx)
+  s = x.astype(np.float64) @ y.T.astype(np.float64) + h.astype(np.float64)
+  kk = min(k, n)
+  want = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+  np.testing.assert_allclose(vals[:, :kk], np.take_along_axis(s, want, axis=1), rtol=1e-5, atol=1e-4)
+  # Indices agree wherever the float32 scores are not within rounding of each other.
+  gaps = np.diff(np.take_along_axis(s, np.argsort(-s, axis=1)[:, :kk + 1], axis=1), axis=1)
+  clear = np.all(np.abs(gaps[:, :kk]) > 1e-3, axis=1)
+  assert clear.mean() > 0.9
+  np.testing.assert_array_equal(idx[clear, :kk], want[clear])
+  if k > n:
+    assert np.all(np.isneginf(vals[:, n:]))
