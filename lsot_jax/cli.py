@@ -56,7 +56,7 @@ Every process needs the same data and config, and the same ``--workdir`` on a sh
 """
 import os
 import sys
-from typing import Any, Dict, NoReturn, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -261,6 +261,27 @@ def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
   saved = sys.argv
   sys.argv = argv
   try:
-    app.run(run, argv=argv)
+    app.run(run, argv=argv, flags_parser=_parse_flags)
   finally:
     sys.argv = saved
+
+
+def _parse_flags(argv: Sequence[str]) -> List[str]:
+  """absl's flag parsing, with an unknown or mistyped ``--config.*`` field as one line and exit status 1.
+
+  ml_collections raises ``AttributeError`` / ``KeyError`` (with its did-you-mean hint) for a field the config
+  does not have, and absl a ``flags.Error`` for a value of the wrong type; both would otherwise end in a
+  traceback.
+  """
+  prog = os.path.basename(argv[0]) if argv else "lsot-jax"
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:
+    message = f"unknown config field: {str(e).strip(chr(34))}"
+  overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  print(f"{prog}: error: {message} (config overrides given: {', '.join(overrides) or 'none'}; "
+        f"`{prog} --help` lists the flags, and the config module's docstring its fields)", file=sys.stderr,
+        flush=True)
+  raise SystemExit(1)

@@ -82,7 +82,8 @@ _NEWTON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(newton_lib.New
 # Fields that say where things are, or how they run or are read, not what is computed: they may change
 # between reruns of one workdir (a run may resume on another number of devices, or streamed; the classifier
 # cache may move).
-LOCATION_FIELDS = ("data.data_dir", "data.stream", "ae.num_devices", "ot.num_devices", "eval.classifier_dir")
+LOCATION_FIELDS = ("data.data_dir", "data.stream", "ae.num_devices", "ot.num_devices", "ot.method",
+                   "eval.classifier_dir")
 # Fields that say what a run shows while it runs (progress, TensorBoard), not what it computes: like the
 # location fields they enter no stage key, so changing them reruns and refuses nothing.
 LOG_FIELDS = ("log.tensorboard", "log.progress", "log.progress_every", "log.progress_seconds")
@@ -182,6 +183,11 @@ def default_config() -> ml_collections.ConfigDict:
     ot.newton.*: :class:`lsot_jax.newton.NewtonSolver` fields (same defaults), used when ot.solver is newton.
     ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults),
       used by ot.solver = adam, by OT scans and by the ``ott_semidiscrete`` baseline's step budget.
+    ot.method: the Adam solver's assignment reduction (:class:`lsot_jax.solver.BrenierSolver`'s ``method``):
+      ``"fused"`` (the default: scores within 16 ulps of the best count as ties, lowest index wins, so a
+      sharded or vmapped fit equals the one-device fit) or ``"topk"`` (the exact best score, faster on the
+      CPU: ``configs/mnist.py`` uses it). The two differ only where two cells' scores are within rounding,
+      so like ot.num_devices it enters no stage key and may change between reruns.
     ot.checkpoint_every: Adam solver steps between checkpoints (the Newton solver checkpoints every step).
     ot.num_devices: devices the codes (and heights) of the OT fit are sharded over
       (:mod:`lsot_jax.sharding`; n need not divide by it); 1: one device, 0: all of ``jax.devices()``.
@@ -250,6 +256,7 @@ def default_config() -> ml_collections.ConfigDict:
       solver="adam",
       newton=ml_collections.ConfigDict({name: _NEWTON_DEFAULTS[name] for name in NEWTON_FIELDS}),
       **{name: _SOLVER_DEFAULTS[name] for name in SOLVER_FIELDS},
+      method=_SOLVER_DEFAULTS["method"],
       checkpoint_every=100,
       marginal_samples=262144,
       num_devices=1,
@@ -405,7 +412,7 @@ def sample_settings(config: ml_collections.ConfigDict) -> SampleSettings:
 
 def adam_solver(config: ml_collections.ConfigDict) -> solver_lib.BrenierSolver:
   """The first-order solver of ``ot.*`` (ot.solver = adam, OT scans)."""
-  return solver_lib.BrenierSolver(**{name: config.ot[name] for name in SOLVER_FIELDS})
+  return solver_lib.BrenierSolver(**{name: config.ot[name] for name in SOLVER_FIELDS}, method=config.ot.method)
 
 
 def newton_solver(config: ml_collections.ConfigDict) -> newton_lib.NewtonSolver:
@@ -539,7 +546,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _build(config, "ot.source", lambda: sources.make_source(ot.source, int(ae.latent_dim)), {})
   if ot.solver not in OT_SOLVERS:
     bad("ot.solver", ot.solver, f"use one of {', '.join(OT_SOLVERS)}")
-  _build(config, "ot", lambda: adam_solver(config), {n: f"ot.{n}" for n in SOLVER_FIELDS})
+  _build(config, "ot", lambda: adam_solver(config), {n: f"ot.{n}" for n in SOLVER_FIELDS + ("method",)})
   _build(config, "ot.newton", lambda: newton_solver(config), {n: f"ot.newton.{n}" for n in NEWTON_FIELDS})
   for field in ("checkpoint_every", "marginal_samples"):
     if ot[field] < 1:
@@ -634,9 +641,10 @@ def stage_fields(config: ml_collections.ConfigDict, stage: str) -> Dict[str, Any
               else [f"ot.{n}" for n in SOLVER_FIELDS])
     return {k: flat[k] for k in names}
   if stage == "sample":
-    out = section("sample.")
-    if "ott_semidiscrete" in tuple(config.sample.methods):
-      out.update({k: flat[k] for k in _OTT_BASELINE_FIELDS})
+    # The method list is not part of the key: each method's draws are kept per method, so a rerun with
+    # more methods draws only the new ones (Workdir.is_done compares the lists).
+    out = {k: v for k, v in section("sample.").items() if k != "sample.methods"}
+    out.update({k: flat[k] for k in _OTT_BASELINE_FIELDS})
     return out
   if stage == "eval":
     return section("eval.")

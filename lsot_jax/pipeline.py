@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: Op
     raise PipelineError(f"Unknown stage {stage!r}; valid stages: {', '.join(STAGES)}.")
   ctx = stages.open_run(config, workdir, overwrite, log, load_data=stage != "report")
   if stage is not None:
-    missing = [s for s in STAGES[:STAGES.index(stage)] if not ctx.wd.is_done(s)]
+    missing = [s for s in STAGES[:STAGES.index(stage)] if not ctx.wd.is_done(s, config.sample.methods)]
     if missing:
       raise PipelineError(f"Stage {stage!r} needs the earlier stage(s) {missing} finished first: rerun without "
                           f"--stage (or with --stage {missing[0]}).")

@@ -490,6 +490,8 @@ class BrenierSolver:
   def __post_init__(self):
     if self.initialisation not in ("voronoi", "zero"):
       raise ValueError(f"Unknown initialisation {self.initialisation!r}; use 'voronoi' or 'zero'.")
+    if self.method not in ("auto",) + kernels.METHODS:
+      raise ValueError(f"Unknown method {self.method!r}; use 'auto' or one of {kernels.METHODS}.")
     if self.batch_size < 1 or self.max_batch_size < self.batch_size:
       raise ValueError(
           f"Need 1 <= batch_size <= max_batch_size; got {self.batch_size}, {self.max_batch_size}."

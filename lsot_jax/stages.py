@@ -496,7 +496,7 @@ def run_stage(ctx: Context, res: Results, name: str) -> bool:
   Returns:
     Whether the stage ran.
   """
-  if ctx.wd.is_done(name):
+  if ctx.wd.is_done(name, ctx.config.sample.methods):
     ctx.log(f"{name}: already done, skipping")
     return False
   ctx.log(f"{name}: starting")

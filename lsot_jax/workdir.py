@@ -26,7 +26,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +40,15 @@ from lsot_jax import newton as newton_lib
 from lsot_jax import train
 
 __all__ = ["CONFIG", "DONE", "METRICS", "NAMED_LAYOUT", "STAGE_PATHS", "STATE_LAYOUT_KEY", "SUPERSEDED",
-           "Workdir", "is_writer", "named_state", "positional_state", "read_json", "save_ot_state",
+           "METHOD_STAGES", "Workdir", "is_writer", "named_state", "positional_state", "read_json", "save_ot_state",
            "state_from_named", "write_json"]
 
 CONFIG = "config.json"
 DONE = "DONE.json"
 METRICS = "metrics.json"
 SUPERSEDED = "superseded"
+# Stages whose completion is per method of ``sample.methods`` (see Workdir.is_done).
+METHOD_STAGES = ("sample", "eval")
 # The paths (relative to the workdir) that hold each stage's results; superseding a stage moves them.
 STAGE_PATHS = {
     "ae": ("ae",),
@@ -225,8 +227,23 @@ class Workdir:
     """The stage's completion marker, or None if it is not finished."""
     return read_json(self.root / stage / DONE)
 
-  def is_done(self, stage: str) -> bool:
-    return (self.root / stage / DONE).is_file()
+  def is_done(self, stage: str, methods: Optional[Sequence[str]] = None) -> bool:
+    """Whether the stage is finished (for the sample and eval stages with ``methods``: for those methods).
+
+    ``sample.methods`` is in no stage key (:func:`lsot_jax.config.stage_fields`): a finished sample stage
+    covers the methods whose draws it holds, so it is done for any subset of them; a finished eval stage is
+    done only for the same list (it writes ``metrics.json`` for exactly the configured methods, from its
+    per-method results).
+    """
+    done = self.done(stage) if methods is not None and stage in METHOD_STAGES else None
+    if done is None:
+      return (self.root / stage / DONE).is_file()
+    recorded = done.get("methods")
+    if recorded is None:
+      return True
+    if stage == "sample":
+      return set(methods) <= set(recorded)
+    return list(methods) == list(recorded)
 
   def mark_done(self, stage: str, config: ml_collections.ConfigDict, seconds: float,
                 summary: Optional[Dict[str, Any]] = None) -> None:
@@ -234,6 +251,10 @@ class Workdir:
     keys = config_lib.stage_keys(config)
     payload = {"stage": stage, "key": keys[stage], "fields": config_lib.stage_fields(config, stage),
                "inputs": {s: keys[s] for s in config_lib.STAGE_INPUTS[stage]}, "seconds": seconds}
+    if stage == "sample":
+      payload["methods"] = [m for m in config_lib.METHODS if self.samples_done(m)]
+    elif stage == "eval":
+      payload["methods"] = list(config.sample.methods)
     if summary is not None:
       payload["summary"] = summary
     write_json(self.root / stage / DONE, payload)

@@ -239,8 +239,9 @@ def test_kill_during_autoencoder_training_then_resume_gives_the_same_metrics(ima
 def test_unknown_or_mistyped_config_field_fails_before_work(env, tmp_path, override, needle):
   start = time.monotonic()
   result = _launch(RING + ["--workdir", str(tmp_path / "w"), override], env)
-  assert result.returncode != 0
-  assert needle in result.stderr
+  assert result.returncode == 1
+  assert needle in result.stderr and "error:" in result.stderr
+  assert "Traceback" not in result.stderr
   assert not (tmp_path / "w").exists()
   assert time.monotonic() - start < 60
 

@@ -227,6 +227,39 @@ def test_a_sample_field_change_reruns_sample_eval_and_report_only(finished, tmp_
   assert _started(lines) == []
 
 
+def test_more_methods_draw_only_the_new_ones_and_fewer_reevaluate_only(finished, tmp_path):
+  """sample.methods is in no stage key: added methods are drawn and evaluated alone, the others reused byte
+  for byte; a shorter list reruns only the eval stage (from its per-method results), and metrics.json lists
+  exactly the configured methods each time."""
+  config, workdir = _copy(finished, tmp_path)
+  upstream = _files(workdir, "ae", "encode", "ot")
+  drawn = _files(workdir, "sample/exact", "sample/gaussian", "samples")
+  original = json.loads((workdir / "metrics.json").read_text())["methods"]
+  lines = []
+  grown = pipeline.run(_tiny_config(sample__methods=("exact", "gaussian", "gmm")), workdir, log=lines.append)
+  assert _started(lines) == ["sample", "eval"]
+  assert f"sample: exact already drawn, reusing {workdir / 'sample' / 'exact'}" in lines
+  assert not any(line.startswith("sample: exact done") for line in lines)
+  assert any(line.startswith("sample: gmm done") for line in lines)
+  assert _files(workdir, "ae", "encode", "ot") == upstream
+  assert {k: v for k, v in _files(workdir, "sample/exact", "sample/gaussian", "samples").items() if k in drawn} == drawn
+  assert list(grown["methods"]) == ["exact", "gaussian", "gmm"]
+  assert {m: grown["methods"][m] for m in original} == original
+  assert not (workdir / "superseded").exists()
+  assert json.loads((workdir / "sample" / "DONE.json").read_text())["methods"] == ["exact", "gaussian", "gmm"]
+  lines.clear()
+  fewer = pipeline.run(_tiny_config(sample__methods=("exact",)), workdir, log=lines.append)
+  assert _started(lines) == ["eval"] and "sample: already done, skipping" in lines
+  assert list(fewer["methods"]) == ["exact"] and fewer["methods"]["exact"] == original["exact"]
+  lines.clear()
+  back = pipeline.run(config, workdir, log=lines.append)
+  assert _started(lines) == ["eval"]
+  assert back["methods"] == original
+  lines.clear()
+  pipeline.run(config, workdir, log=lines.append)
+  assert _started(lines) == []
+
+
 def test_an_interrupted_sample_stage_reuses_its_committed_draws(finished, tmp_path, monkeypatch):
   """A sample stage stopped after saving its first method's draws leaves no marker; the rerun keeps those
   draws, draws the rest and ends with the draws of an uninterrupted run (launch.py's kill -9 version of this
