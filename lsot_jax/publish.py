@@ -201,7 +201,7 @@ def publish_run(workdir: os.PathLike | str, name: str, *, docs_dir: os.PathLike 
   """Writes a finished run's published files (module docstring) under ``docs_dir``.
 
   Args:
-    workdir: a run folder whose eval stage is finished.
+    workdir: a finished run's folder (with ``metrics.json``).
     name: the published name: lower-case letters, digits, ``_`` and ``-``.
     docs_dir: the folder that receives ``results/NAME/`` and ``img/``.
     config: the run's ``--config`` value, for the overrides in ``run.json``.
@@ -212,17 +212,25 @@ def publish_run(workdir: os.PathLike | str, name: str, *, docs_dir: os.PathLike 
     The files written.
 
   Raises:
-    ValueError: a bad name, a run without ``metrics.json``, or a document without an anchor line (named).
+    ValueError: a bad name, a run without ``metrics.json``, or a document that is missing or has no anchor
+      line (named); nothing is written then.
   """
   if not _NAME.match(name):
     raise ValueError(f"--name {name!r} must be lower-case letters, digits, '_' or '-' (e.g. mnist).")
   wd = workdir_lib.Workdir(workdir)
-  if not wd.metrics_path.is_file() or not wd.is_done("eval"):
-    raise ValueError(f"--workdir {wd.root} holds no finished eval stage ({workdir_lib.METRICS}); finish the run "
-                     "first (launch.py --config ... --workdir ...).")
+  if not wd.metrics_path.is_file() or not wd.config_path.is_file():
+    raise ValueError(f"--workdir {wd.root} holds no finished run ({workdir_lib.METRICS} and "
+                     f"{workdir_lib.CONFIG}); finish it first (launch.py --config ... --workdir ...).")
   record = run_record(wd.root, name, config, commit)
   metrics = json.loads(wd.metrics_path.read_text())
   table = results_table(metrics)
+  documents = {}
+  for path, indent in (update or {}).items():  # every document is checked before anything is written
+    path = pathlib.Path(path)
+    try:
+      documents[path] = splice_table(path.read_text(), name, table, indent)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path}: {e.strerror if isinstance(e, OSError) else e}") from e
   docs = pathlib.Path(docs_dir)
   out = docs / "results" / name
   out.mkdir(parents=True, exist_ok=True)
@@ -236,12 +244,7 @@ def publish_run(workdir: os.PathLike | str, name: str, *, docs_dir: os.PathLike 
       (docs / "img").mkdir(parents=True, exist_ok=True)
       written.append(docs / "img" / target.format(name=name))
       shutil.copyfile(source, written[-1])
-  for path, indent in (update or {}).items():
-    path = pathlib.Path(path)
-    try:
-      text = splice_table(path.read_text(), name, table, indent)
-    except ValueError as e:
-      raise ValueError(f"{path}: {e}") from e
+  for path, text in documents.items():
     path.write_text(text)
     written.append(path)
   return written

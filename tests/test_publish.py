@@ -151,12 +151,17 @@ def test_publish_command_refuses_bad_input_in_one_line(toy_run, tmp_path, capsys
   main = _script().main
   for args, needle in (
       (["--workdir", str(workdir), "--name", "Toy run"], "--name 'Toy run' must be lower-case"),
-      (["--workdir", str(tmp_path / "none"), "--name", "toy"], "holds no finished eval stage"),
-      (["--workdir", str(workdir), "--name", "toy", "--root", str(tmp_path), "--update_docs"], "README.md"),
+      (["--workdir", str(tmp_path / "none"), "--name", "toy"], "holds no finished run"),
+      (["--workdir", str(workdir), "--name", "toy", "--update_docs"], "README.md: No such file"),
+      (["--workdir", str(workdir), "--name", "toy", "--config", "no_such_config"], "no_such_config"),
   ):
-    assert main(args + ([] if "--root" in args else ["--root", str(tmp_path)])) == 1
+    assert main(args + ["--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("publish_run: error: ") and needle in err, err
+  (tmp_path / "README.md").write_text("no anchor here\n")
+  assert main(["--workdir", str(workdir), "--name", "toy", "--root", str(tmp_path), "--update_docs"]) == 1
+  assert "no line naming docs/results/toy/table.md" in capsys.readouterr().err
+  assert not (tmp_path / "docs").exists()  # a refused document stops the command before it writes
 
 
 def test_committed_results_are_the_tables_that_the_readme_and_configs_quote():
