@@ -125,7 +125,8 @@ def named_state(state: Any) -> Any:
 
 
 def state_from_named(template: Any, tree: Any) -> Any:
-  """The inverse of :func:`named_state`: the arrays of ``tree`` in the classes of ``template``.
+  """The inverse of :func:`named_state`: the arrays of ``tree`` in the classes (and pytree structure) of
+  ``template``.
 
   Args:
     template: a state of the wanted structure (e.g. ``solver.init(problem)``).
@@ -139,8 +140,8 @@ def state_from_named(template: Any, tree: Any) -> Any:
                              for f in dataclasses.fields(template)})
   if _is_named_tuple(template):
     return type(template)(*(state_from_named(getattr(template, name), tree[name]) for name in template._fields))
-  if isinstance(template, dict):
-    return {k: state_from_named(v, tree[k]) for k, v in template.items()}
+  if isinstance(template, dict):  # its own class: optax.named_chain's state is an OrderedDict
+    return type(template)((k, state_from_named(v, tree[k])) for k, v in template.items())
   return jnp.asarray(tree)
 
 

@@ -229,6 +229,14 @@ def test_checkpoints_hold_the_optimiser_state_under_names(digits, tmp_path, clip
   assert int(raw["opt_state"]["adam"]["count"]) == 2
   assert meta[checkpoint_lib.STATE_LAYOUT_KEY] == checkpoint_lib.NAMED_LAYOUT
   jax.tree.map(np.testing.assert_array_equal, raw["params"], params)
+  # Restored into the optimiser's own structure (optax.named_chain's OrderedDict), so a resumed step is the
+  # same program.
+  template = {"params": params, "opt_state": train._make_optimizer(cfg, 2).init(params), "step": np.int32(0)}
+  with StageCheckpointer(tmp_path) as ckpt:
+    _, restored, _ = train._restore_state(ckpt, template, cfg, 2)
+  assert jax.tree.structure(restored) == jax.tree.structure(template)
+  jax.tree.map(np.testing.assert_array_equal, restored["opt_state"], checkpoint_lib.state_from_named(
+      template["opt_state"], raw["opt_state"]))
   # The steps are optax.adam's / optax.adamw's: the same update as the library's own chain.
   grads = jax.tree.map(np.ones_like, params)
   lr = optax.cosine_decay_schedule(1e-3, 2) if schedule == "cosine" else 1e-3
