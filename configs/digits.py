@@ -7,8 +7,8 @@ Command:
   python launch.py --config configs/digits.py --workdir runs/digits
   python launch.py --config configs/digits.py:smoke --workdir /tmp/digits_smoke   # under a minute
 
-Expected runtime: about 5.5 minutes (332 s of stage time, at commit b13b6e4, on a 2-core Intel Xeon shared
-with other jobs: AE 52 s, OT 84 s = 200 Adam steps, sampling 167 s of which the VAE 79 s and WGAN-GP 50 s,
+Expected runtime: 5.9 minutes wall, of which 332 s in the stages (at commit b13b6e4, on a 2-core Intel Xeon
+shared with other jobs: AE 52 s, OT 84 s = 200 Adam steps, sampling 167 s of which the VAE 79 s and WGAN-GP 50 s,
 evaluation 29 s including the classifier); the smoke variant under a minute.
 
 Expected metrics: AE held-out reconstruction MSE 0.0152; the OT fit converged in 200 steps at L1 marginal
