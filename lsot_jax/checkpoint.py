@@ -12,9 +12,15 @@ One :class:`StageCheckpointer` owns one directory (one training stage). Each ste
   deleted file). If no step is valid, it raises :class:`CheckpointError` naming the directory.
 * ``save_final`` / ``is_complete`` write and read a ``COMPLETE.json`` marker so a pipeline can skip finished
   stages.
+
+States are saved under field names (:func:`named_state`: dataclass and named-tuple fields become dict keys,
+e.g. an Adam state's ``count``, ``mu``, ``nu``), with ``{STATE_LAYOUT_KEY: NAMED_LAYOUT}`` in the step's meta so
+that a reader can tell them from the layouts of older versions; :func:`state_from_named` puts the arrays back
+into the classes of a template.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,13 +36,21 @@ import orbax.checkpoint as ocp
 
 __all__ = [
     "CheckpointError",
+    "NAMED_LAYOUT",
+    "STATE_LAYOUT_KEY",
     "StageCheckpointer",
     "atomic_write_json",
+    "named_state",
+    "state_from_named",
     "tree_checksum",
 ]
 
 _CHECKSUM_KEY = "_lsot_state_sha256"
 _MARKER = "COMPLETE.json"
+# The meta entry of a step whose state was saved by field name (:func:`named_state`); a step without it was
+# saved by the versions before named keys, in the layout its reader knows (e.g. optax's tuple of states).
+STATE_LAYOUT_KEY = "state_layout"
+NAMED_LAYOUT = "named"
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +96,53 @@ def atomic_write_json(path: pathlib.Path, payload: Any, *, sort_keys: bool = Tru
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _is_named_tuple(value: Any) -> bool:
+  return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def named_state(state: Any) -> Any:
+  """A state as nested dicts keyed by field name (the layout of the ot and training checkpoints).
+
+  Dataclass fields and named-tuple fields (the Adam moments: ``opt_state`` -> ``count``, ``mu``, ``nu``) become
+  dict keys, dicts keep theirs; everything else is a leaf.
+
+  Args:
+    state: a :class:`lsot_jax.solver.SolverState`, a :class:`lsot_jax.newton.NewtonState`, a training state
+      ``{"params", "opt_state", "step"}`` or another pytree of dataclasses, named tuples, dicts and arrays.
+
+  Returns:
+    Nested dicts of the same arrays.
+  """
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {f.name: named_state(getattr(state, f.name)) for f in dataclasses.fields(state)}
+  if _is_named_tuple(state):
+    return {name: named_state(getattr(state, name)) for name in state._fields}
+  if isinstance(state, dict):
+    return {k: named_state(v) for k, v in state.items()}
+  return state
+
+
+def state_from_named(template: Any, tree: Any) -> Any:
+  """The inverse of :func:`named_state`: the arrays of ``tree`` in the classes (and pytree structure) of
+  ``template``.
+
+  Args:
+    template: a state of the wanted structure (e.g. ``solver.init(problem)``).
+    tree: nested dicts as :func:`named_state` returns them.
+
+  Raises:
+    KeyError: ``tree`` lacks a field of ``template``.
+  """
+  if dataclasses.is_dataclass(template) and not isinstance(template, type):
+    return type(template)(**{f.name: state_from_named(getattr(template, f.name), tree[f.name])
+                             for f in dataclasses.fields(template)})
+  if _is_named_tuple(template):
+    return type(template)(*(state_from_named(getattr(template, name), tree[name]) for name in template._fields))
+  if isinstance(template, dict):  # its own class: optax.named_chain's state is an OrderedDict
+    return type(template)((k, state_from_named(v, tree[k])) for k, v in template.items())
+  return jnp.asarray(tree)
 
 
 def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -32,6 +32,7 @@ from lsot_jax import workdir as workdir_lib  # pylint: disable=wrong-import-posi
 
 __all__ = [
     "GLANCE_FIGURES",
+    "markdown_table",
     "metrics_table",
     "plot_convergence",
     "save_image_grid",
@@ -217,35 +218,48 @@ def _fmt(value: Any) -> str:
   return str(value)
 
 
-def metrics_table(methods: Dict[str, Dict[str, float]],
-                  labels: Optional[Dict[str, str]] = None) -> Tuple[List[str], List[List[str]]]:
+def metrics_table(methods: Dict[str, Dict[str, float]], labels: Optional[Dict[str, str]] = None, *,
+                  columns: Optional[Sequence[str]] = None, titles: Optional[Dict[str, str]] = None,
+                  se_columns: Optional[Sequence[str]] = None) -> Tuple[List[str], List[List[str]]]:
   """The metrics as a table: a header and one row per method ("mean ± se" where a ``_se`` exists).
 
   Args:
     methods: ``{method: {metric: value, metric_se: value, ...}}``.
     labels: display names of the methods.
+    columns: the metrics to show, in this order (those that no method has are left out); None: every metric,
+      in the report's order.
+    titles: the header of a metric (default: its name, with ↑ or ↓ where higher or lower is better).
+    se_columns: the metrics that get "± se" where a ``_se`` exists; None: every metric.
 
   Returns:
     ``(header, rows)`` of strings.
   """
-  labels = labels or {}
+  labels, titles = labels or {}, titles or {}
   keys = set()
   for row in methods.values():
     keys.update(k for k in row if not k.endswith("_se") and k not in ("num_seeds", "memorisation_threshold"))
-  columns = [k for k in _COLUMN_ORDER if k in keys] + sorted(keys - set(_COLUMN_ORDER))
-  header = ["method"] + [
-      c + (" ↑" if _HIGHER_IS_BETTER.get(c) else " ↓" if _HIGHER_IS_BETTER.get(c) is False else "")
-      for c in columns]
+  if columns is None:
+    columns = [k for k in _COLUMN_ORDER if k in keys] + sorted(keys - set(_COLUMN_ORDER))
+  else:
+    columns = [k for k in columns if k in keys]
+  arrows = {True: " ↑", False: " ↓"}
+  header = ["method"] + [titles.get(c, c + arrows.get(_HIGHER_IS_BETTER.get(c), "")) for c in columns]
   rows = []
   for method, row in methods.items():
     cells = [labels.get(method, method)]
     for c in columns:
       cell = _fmt(row.get(c))
-      if f"{c}_se" in row:
+      if f"{c}_se" in row and (se_columns is None or c in se_columns):
         cell += f" ± {_fmt(row[f'{c}_se'])}"
       cells.append(cell)
     rows.append(cells)
   return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+  """The lines of a Markdown table (``| a | b |``, then ``|---|---|``, then one line per row)."""
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _image_sections(workdir: pathlib.Path, metrics: Dict[str, Any]) -> List[Tuple[str, str]]:
@@ -339,8 +353,7 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
 
   md = ["# lsot_jax run report", ""]
   md += [f"- {f}" for f in facts] + [""]
-  md += ["## Metrics", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  md += ["| " + " | ".join(r) + " |" for r in rows]
+  md += ["## Metrics", ""] + markdown_table(header, rows)
   md += ["", "↑ higher is better, ↓ lower is better. Memorisation rate: share of samples closer to a training "
          "example than the median held-out example is (about 0.5 for fresh samples, 1 for copies).", ""]
   glance = [(caption, rel) for rel, caption in GLANCE_FIGURES.values() if (workdir / rel).exists()]

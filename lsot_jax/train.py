@@ -15,7 +15,9 @@ All three loops share one engine with these properties:
   restores it, and the batches, hence the parameters, are those of the in-memory loop (:mod:`lsot_jax.feeds`).
 * Checkpoints go to a :class:`~lsot_jax.checkpoint.StageCheckpointer` every ``checkpoint_every`` steps (or
   at every epoch end) and at the end; the last one is written with ``save_final`` so a finished stage is
-  skipped on rerun. A rerun resumes from the latest valid step.
+  skipped on rerun. A rerun resumes from the latest valid step. The state is saved under field names
+  (:func:`lsot_jax.checkpoint.named_state`; the optimiser's steps named ``clip``, ``adam``, ``weight_decay``,
+  ``learning_rate``); checkpoints of the versions before, in optax's tuple layout, are still read.
 * Losses stay on the device and are fetched every ``log_every`` steps and before every checkpoint. A
   non-finite loss or parameter raises :class:`TrainingDiverged` (a ``FloatingPointError``) naming the stage
   and the first bad step; nothing after the last finite check is ever saved, so the previous checkpoint
@@ -175,18 +177,47 @@ def _make_optimizer(cfg: TrainConfig, total_steps: int, *, learning_rate: Any = 
                     weight_decay: Any = None) -> optax.GradientTransformation:
   """Adam (AdamW when ``weight_decay`` is given or ``cfg.weight_decay > 0``) with ``cfg``'s schedule and clip.
 
-  ``learning_rate`` / ``weight_decay`` override ``cfg``'s and may be traced (vmapped scans): a traced weight
-  decay always gives AdamW, whose ``0 * params`` term changes no finite value, so one program serves Adam and
-  AdamW settings alike.
+  ``optax.adam`` / ``optax.adamw``'s steps (after the clip) as an ``optax.named_chain``: the state is a dict
+  keyed ``clip``, ``adam``, ``weight_decay``, ``learning_rate``, saved under those names. ``learning_rate`` /
+  ``weight_decay`` override ``cfg``'s and may be traced (vmapped scans): a traced weight decay always gives
+  AdamW, whose ``0 * params`` term changes no finite value, so one program serves Adam and AdamW alike.
   """
   lr: Any = cfg.learning_rate if learning_rate is None else learning_rate
   if cfg.lr_schedule == "cosine":
     lr = optax.cosine_decay_schedule(lr, decay_steps=max(int(total_steps), 1))
   wd = (cfg.weight_decay or None) if weight_decay is None else weight_decay
-  opt = optax.adam(lr) if wd is None else optax.adamw(lr, weight_decay=wd)
-  if cfg.grad_clip_norm is not None:
-    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
-  return opt
+  steps = [] if cfg.grad_clip_norm is None else [("clip", optax.clip_by_global_norm(cfg.grad_clip_norm))]
+  steps.append(("adam", optax.scale_by_adam()))
+  if wd is not None:
+    steps.append(("weight_decay", optax.add_decayed_weights(wd)))
+  steps.append(("learning_rate", optax.scale_by_learning_rate(lr)))
+  return optax.named_chain(*steps)
+
+
+def _legacy_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """The optimiser of the versions before named checkpoint keys (its state is optax's tuple of states): read
+  only, to restore their checkpoints. Its leaves are those of :func:`_make_optimizer`'s state, in order."""
+  lr: Any = cfg.learning_rate
+  if cfg.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, decay_steps=max(int(total_steps), 1))
+  opt = optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(lr)
+  return opt if cfg.grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+
+
+def _restore_state(ckpt: checkpoint_lib.StageCheckpointer, template: Dict[str, Any], cfg: TrainConfig,
+                   total_steps: int, step: Optional[int] = None) -> Tuple[int, Dict[str, Any], Dict[str, Any]]:
+  """The latest valid (or exactly ``step``) training state ``{"params", "opt_state", "step"}`` of ``ckpt``, in
+  ``template``'s structure: saved under names, or in optax's tuple layout by the versions before them."""
+  def target_of(meta: Dict[str, Any]) -> Any:
+    if meta.get(checkpoint_lib.STATE_LAYOUT_KEY) == checkpoint_lib.NAMED_LAYOUT:
+      return checkpoint_lib.named_state(template)
+    return {**template, "opt_state": _legacy_optimizer(cfg, total_steps).init(template["params"])}
+
+  step, saved, meta = ckpt.restore(step=step, target_of=target_of)
+  if meta.get(checkpoint_lib.STATE_LAYOUT_KEY) == checkpoint_lib.NAMED_LAYOUT:
+    return step, checkpoint_lib.state_from_named(template, saved), meta
+  opt_state = jax.tree.unflatten(jax.tree.structure(template["opt_state"]), jax.tree.leaves(saved["opt_state"]))
+  return step, {**saved, "opt_state": opt_state}, meta
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -258,7 +289,7 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
   try:
     step, history, acc, saved_stream = 0, [], {"loss_sum": 0.0, "loss_count": 0}, None
     if ckpt.latest_step() is not None:
-      step, state, meta = ckpt.restore(state)
+      step, state, meta = _restore_state(ckpt, state, cfg, total_steps)
       state = place_state(state)
       if meta.get("data") != data_spec:
         raise ValueError(f"{stage}: the checkpoint in {ckpt.directory} was written for data stream "
@@ -270,7 +301,8 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
 
     def make_meta(stream_state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
       meta = {"stage": stage, "step": step, "total_steps": total_steps, "data": data_spec,
-              "history": history, "epoch_accumulator": acc, "train_config": dataclasses.asdict(cfg), **info}
+              "history": history, "epoch_accumulator": acc, "train_config": dataclasses.asdict(cfg),
+              checkpoint_lib.STATE_LAYOUT_KEY: checkpoint_lib.NAMED_LAYOUT, **info}
       return meta if stream_state is None else {**meta, "stream": stream_state}
 
     if step >= stop_at:
@@ -332,10 +364,8 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
           tracker.scalars(step, {"epoch_loss": record["loss"], "examples_per_sec": record["examples_per_sec"]},
                           stage)
       if save_now:
-        if step == total_steps:
-          ckpt.save_final(step, state, make_meta(feed.state()))
-        else:
-          ckpt.save(step, state, make_meta(feed.state()))
+        save = ckpt.save_final if step == total_steps else ckpt.save
+        save(step, checkpoint_lib.named_state(state), make_meta(feed.state()))
       if epoch_end:
         _append_log(log_path, history[-1])
         clock, clock_steps = time.perf_counter(), 0
@@ -420,9 +450,10 @@ def restore_autoencoder(ckpt_dir: str) -> Tuple[Any, models.Params]:
         k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
     cfg = TrainConfig(**meta["train_config"])
     graphdef, params = models.init_autoencoder(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
-    tx = _make_optimizer(cfg, int(meta["total_steps"]))
-    template = {"params": params, "opt_state": tx.init(params), "step": jnp.asarray(0, jnp.int32)}
-    _, state, _ = ckpt.restore(template, step=int(done["step"]))
+    total_steps = int(meta["total_steps"])
+    template = {"params": params, "opt_state": _make_optimizer(cfg, total_steps).init(params),
+                "step": jnp.asarray(0, jnp.int32)}
+    _, state, _ = _restore_state(ckpt, template, cfg, total_steps, step=int(done["step"]))
   return graphdef, state["params"]
 
 

@@ -20,7 +20,6 @@ but not what the stages compute: the stage keys come from :func:`lsot_jax.config
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -36,6 +35,7 @@ import numpy as np
 from lsot_jax import artifacts
 from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import config as config_lib
+from lsot_jax.checkpoint import NAMED_LAYOUT, STATE_LAYOUT_KEY, named_state, state_from_named
 from lsot_jax import newton as newton_lib
 from lsot_jax import train
 
@@ -88,62 +88,13 @@ def read_json(path: pathlib.Path) -> Optional[Any]:
     return None
 
 
-# The meta entry of an ot checkpoint saved by field name; a checkpoint without it was saved by the versions
-# before named keys: an Adam state by leaf position (:func:`positional_state`), a Newton state by field name
-# (the same keys as :func:`named_state`, which has no nesting there).
-STATE_LAYOUT_KEY = "state_layout"
-NAMED_LAYOUT = "named"
-
-
-def _is_named_tuple(value: Any) -> bool:
-  return isinstance(value, tuple) and hasattr(value, "_fields")
-
-
-def named_state(state: Any) -> Any:
-  """A solver state as nested dicts keyed by field name (the layout of ot checkpoints).
-
-  Dataclass fields and named-tuple fields (the Adam moments: ``opt_state`` -> ``count``, ``mu``, ``nu``) become
-  dict keys, dicts keep theirs; everything else is a leaf.
-
-  Args:
-    state: a :class:`lsot_jax.solver.SolverState`, a :class:`lsot_jax.newton.NewtonState` or another pytree
-      of dataclasses, named tuples, dicts and arrays.
-
-  Returns:
-    Nested dicts of the same arrays.
-  """
-  if dataclasses.is_dataclass(state) and not isinstance(state, type):
-    return {f.name: named_state(getattr(state, f.name)) for f in dataclasses.fields(state)}
-  if _is_named_tuple(state):
-    return {name: named_state(getattr(state, name)) for name in state._fields}
-  if isinstance(state, dict):
-    return {k: named_state(v) for k, v in state.items()}
-  return state
-
-
-def state_from_named(template: Any, tree: Any) -> Any:
-  """The inverse of :func:`named_state`: the arrays of ``tree`` in the classes of ``template``.
-
-  Args:
-    template: a state of the wanted structure (e.g. ``solver.init(problem)``).
-    tree: nested dicts as :func:`named_state` returns them.
-
-  Raises:
-    KeyError: ``tree`` lacks a field of ``template``.
-  """
-  if dataclasses.is_dataclass(template) and not isinstance(template, type):
-    return type(template)(**{f.name: state_from_named(getattr(template, f.name), tree[f.name])
-                             for f in dataclasses.fields(template)})
-  if _is_named_tuple(template):
-    return type(template)(*(state_from_named(getattr(template, name), tree[name]) for name in template._fields))
-  if isinstance(template, dict):
-    return {k: state_from_named(v, tree[k]) for k, v in template.items()}
-  return jnp.asarray(tree)
-
-
 def positional_state(state: Any) -> Dict[str, Any]:
   """The layout of an Adam state in the ot checkpoints of versions before named keys: ``leaf_000``,
-  ``leaf_001``, ... in the state's flattening order (read to resume such workdirs; never written)."""
+  ``leaf_001``, ... in the state's flattening order (read to resume such workdirs; never written).
+
+  An ot checkpoint without :data:`STATE_LAYOUT_KEY` in its meta was saved by those versions: an Adam state by
+  leaf position, a Newton state by field name (the keys of :func:`named_state`, which has no nesting there).
+  """
   return {f"leaf_{i:03d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
 
 

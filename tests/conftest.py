@@ -27,7 +27,7 @@ def np_rng():
 # fixture builds it anew, so the tests that share one are kept on one worker.
 _SHARED_MODULE_FIXTURES = frozenset({
     "child_results", "data", "digits", "digits_run", "finished", "image_run", "installed", "mnist_train",
-    "mock_launcher", "problem", "ring_run", "sharded", "tiny_tfds_dir", "two_clusters",
+    "mock_launcher", "problem", "ring_run", "sharded", "tiny_tfds_dir", "toy_run", "two_clusters",
 })
 
 

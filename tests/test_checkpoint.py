@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from lsot_jax.checkpoint import CheckpointError, StageCheckpointer, tree_checksum
+from lsot_jax.checkpoint import CheckpointError, StageCheckpointer, named_state, state_from_named, tree_checksum
 
 # A failed Orbax/TensorStore read (the corruption tests) can leave a callback for an already-closed asyncio
 # loop, reported later by the garbage collector in whichever test is running; it is harmless.
@@ -54,6 +55,33 @@ def test_roundtrip_preserves_values_structure_and_meta(tmp_path):
   assert meta == {"loss": 0.25, "history": [{"epoch": 1}]}
   _assert_tree_equal(restored, state)
   assert type(restored["opt_state"][0]).__name__ == "ScaleByAdamState"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Solver:
+  h: jax.Array
+  opt_state: optax.ScaleByAdamState
+
+
+def test_named_state_keys_every_field_by_name_and_saves_and_restores_that_way(tmp_path):
+  params = {"w": jnp.arange(3.0)}
+  state = {"params": params, "opt_state": optax.named_chain(("adam", optax.scale_by_adam()),
+                                                            ("learning_rate", optax.scale_by_learning_rate(0.1)))
+           .init(params), "solver": _Solver(h=jnp.ones(2), opt_state=optax.scale_by_adam().init(jnp.ones(2)))}
+  named = named_state(state)
+  assert set(named["opt_state"]) == {"adam", "learning_rate"} and named["opt_state"]["learning_rate"] == {}
+  assert set(named["opt_state"]["adam"]) == {"count", "mu", "nu"} and set(named["solver"]) == {"h", "opt_state"}
+  assert set(named["solver"]["opt_state"]) == {"count", "mu", "nu"}
+  with StageCheckpointer(tmp_path) as ckpt:
+    ckpt.save(0, named)
+    _, saved, _ = ckpt.restore(named_state(state))
+  back = state_from_named(state, saved)
+  _assert_tree_equal(back, state)
+  assert isinstance(back["solver"], _Solver) and isinstance(back["opt_state"]["adam"], optax.ScaleByAdamState)
+  with pytest.raises(KeyError, match="nu"):
+    state_from_named(state, {**named, "solver": {"h": named["solver"]["h"],
+                                                 "opt_state": {"count": 0, "mu": named["solver"]["h"]}}})
 
 
 def test_relative_path_is_made_absolute(tmp_path, monkeypatch):

@@ -8,17 +8,24 @@ run on one device (same seed, same batches), which the other tests check against
 import dataclasses
 import functools
 import json
+import logging
 import os
+import pathlib
+import shutil
+import tarfile
 import tempfile
+import warnings
 
 import jax
 import multidevice
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 
+from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import feeds, models, sharding, streaming, train
 from lsot_jax.checkpoint import StageCheckpointer
 
@@ -34,9 +41,9 @@ SMALL_AE = models.AutoencoderConfig(kind="mlp", input_shape=(8, 8, 1), latent_di
 
 
 def _restore_params(ckpt_dir, graphdef_params, cfg=train.TrainConfig()):
-  """Restores the params saved in ckpt_dir, using a freshly built train state as the target."""
-  target = {"params": graphdef_params, "opt_state": train._make_optimizer(cfg, 1).init(graphdef_params),
-            "step": np.int32(0)}
+  """Restores the params saved in ckpt_dir, using a freshly built train state (under names) as the target."""
+  target = checkpoint_lib.named_state({"params": graphdef_params, "step": np.int32(0),
+                                       "opt_state": train._make_optimizer(cfg, 1).init(graphdef_params)})
   with StageCheckpointer(ckpt_dir) as ckpt:
     step, state, meta = ckpt.restore(target)
   return step, state["params"], meta
@@ -196,6 +203,114 @@ def test_classifier_reaches_90_percent_on_digits(digits, tmp_path):
   assert accuracy > 0.9
   with pytest.raises(ValueError, match="labels_train"):
     train.train_classifier(x, y + 1, x_test, y_test, cfg, str(tmp_path / "bad"), progress=False)
+
+
+def _raw_state(ckpt_dir):
+  """The raw tree (nested dicts, read by Orbax without a target) of the newest step in ckpt_dir, and its meta."""
+  with StageCheckpointer(ckpt_dir) as ckpt:
+    step = ckpt.latest_step()
+    meta = ckpt.meta(step)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # no sharding given: Orbax reads it from the checkpoint
+    return ocp.PyTreeCheckpointer().restore(pathlib.Path(ckpt_dir) / str(step) / "state"), meta
+
+
+@pytest.mark.parametrize("clip,weight_decay,schedule,steps", [
+    (None, 0.0, "constant", {"adam", "learning_rate"}),
+    (0.5, 1e-3, "cosine", {"clip", "adam", "weight_decay", "learning_rate"})])
+def test_checkpoints_hold_the_optimiser_state_under_names(digits, tmp_path, clip, weight_decay, schedule, steps):
+  x = digits[0][:128]
+  cfg = train.TrainConfig(seed=0, epochs=1, batch_size=64, grad_clip_norm=clip, weight_decay=weight_decay,
+                          lr_schedule=schedule)
+  _, params, _ = train.train_autoencoder(x, SMALL_AE, str(tmp_path), cfg, progress=False)
+  raw, meta = _raw_state(tmp_path)
+  assert set(raw) == {"params", "opt_state", "step"} and int(raw["step"]) == 2
+  assert set(raw["opt_state"]) == steps and set(raw["opt_state"]["adam"]) == {"count", "mu", "nu"}
+  assert int(raw["opt_state"]["adam"]["count"]) == 2
+  assert meta[checkpoint_lib.STATE_LAYOUT_KEY] == checkpoint_lib.NAMED_LAYOUT
+  jax.tree.map(np.testing.assert_array_equal, raw["params"], params)
+  # Restored into the optimiser's own structure (optax.named_chain's OrderedDict), so a resumed step is the
+  # same program.
+  template = {"params": params, "opt_state": train._make_optimizer(cfg, 2).init(params), "step": np.int32(0)}
+  with StageCheckpointer(tmp_path) as ckpt:
+    _, restored, _ = train._restore_state(ckpt, template, cfg, 2)
+  assert jax.tree.structure(restored) == jax.tree.structure(template)
+  jax.tree.map(np.testing.assert_array_equal, restored["opt_state"], checkpoint_lib.state_from_named(
+      template["opt_state"], raw["opt_state"]))
+  # The steps are optax.adam's / optax.adamw's: the same update as the library's own chain.
+  grads = jax.tree.map(np.ones_like, params)
+  lr = optax.cosine_decay_schedule(1e-3, 2) if schedule == "cosine" else 1e-3
+  reference = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+  if clip is not None:
+    reference = optax.chain(optax.clip_by_global_norm(clip), reference)
+  ours = train._make_optimizer(cfg, 2)
+  got = ours.update(grads, ours.init(params), params)[0]
+  want = reference.update(grads, reference.init(params), params)[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), got, want)
+
+
+# Checkpoint folders written by commit b13b6e4 (the optimiser state in optax's tuple layout, before named keys),
+# by code equal to ``_fit_old_setting``: on digits[:160] (classifier test set digits[160:224]), an MLP
+# autoencoder / VAE / classifier per ``settings.json`` entry, stopped by ``max_steps`` after step 7 (checkpoint
+# every 4 steps, one kept), and ``ae_finished`` trained to the end; ``expected_params.npz`` holds the
+# parameters that version reached uninterrupted (keys ``<name><keystr of the leaf>``).
+OLD_CKPTS = pathlib.Path(__file__).resolve().parent / "data" / "train_ckpts_b13b6e4.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def old_ckpts(tmp_path_factory):
+  root = tmp_path_factory.mktemp("old_ckpts")
+  with tarfile.open(OLD_CKPTS) as tar:
+    tar.extractall(root, filter="data")
+  return root, json.loads((root / "settings.json").read_text()), dict(np.load(root / "expected_params.npz"))
+
+
+def _fit_old_setting(settings, name, folder):
+  d = load_digits()
+  x, y = (d.images / 16.0).astype(np.float32)[..., None], d.target.astype(np.int32)
+  (a, b), (c, e) = settings["data"]["train"], settings["data"]["test"]
+  setting = settings["settings"][name]
+  cfg = train.TrainConfig(**setting["train"])
+  ae_cfg = models.AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in settings["autoencoder"].items()})
+  if setting["stage"] == "autoencoder":
+    return train.train_autoencoder(x[a:b], ae_cfg, folder, cfg, progress=False)[1]
+  if setting["stage"] == "vae":
+    return train.train_vae(x[a:b], ae_cfg, folder, cfg, progress=False)[1]
+  clf_cfg = models.ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in settings["classifier"].items()})
+  return train.train_classifier(x[a:b], y[a:b], x[c:e], y[c:e], clf_cfg, folder, cfg, progress=False)[1]
+
+
+def _assert_expected(params, expected, name):
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat = {f"{name}{jax.tree_util.keystr(path)}": np.asarray(v) for path, v in leaves}
+  assert set(flat) == {k for k in expected if k.startswith(name + "[")}
+  # Equal on the machine that wrote the file; the tolerance admits another CPU's float rounding.
+  for key, value in flat.items():
+    np.testing.assert_allclose(value, expected[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["ae_adam", "ae_cosine_adamw_clip", "vae_adam", "classifier_adam"])
+def test_a_checkpoint_written_before_named_keys_resumes(old_ckpts, tmp_path, caplog, name):
+  """The interrupted training resumes from the old tuple-layout checkpoint to the parameters that version
+  reached uninterrupted, and saves its own steps under names."""
+  root, settings, expected = old_ckpts
+  folder = tmp_path / name
+  shutil.copytree(root / name, folder)
+  assert checkpoint_lib.STATE_LAYOUT_KEY not in _raw_state(folder)[1]
+  with caplog.at_level(logging.INFO, logger="lsot_jax.train"):
+    params = _fit_old_setting(settings, name, str(folder))
+  assert "resuming from step 7" in caplog.text
+  _assert_expected(params, expected, name)
+  raw, meta = _raw_state(folder)
+  assert meta[checkpoint_lib.STATE_LAYOUT_KEY] == checkpoint_lib.NAMED_LAYOUT and "adam" in raw["opt_state"]
+
+
+def test_restore_autoencoder_reads_a_finished_checkpoint_written_before_named_keys(old_ckpts):
+  root, _, expected = old_ckpts
+  _, params = train.restore_autoencoder(str(root / "ae_finished"))
+  _assert_expected(params, expected, "ae_finished")
 
 
 def test_epoch_permutation_is_deterministic_per_seed_and_epoch():
