@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/mnist
 CONFIG ?= configs/mnist.py
 
-.PHONY: venv run test test-slow bench clean
+.PHONY: venv run baselines test test-slow bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ venv: $(VENV)/.installed
 
 run: venv
 	$(PY) launch.py --config $(CONFIG) --workdir $(WORKDIR)
+
+# Grows the finished run by the baselines that train a model of their own (WGAN-GP, VAE): only they are
+# trained, sampled and evaluated; the autoencoder, codes, potential and the other methods are reused.
+baselines: venv
+	$(PY) launch.py --config $(CONFIG):full --workdir $(WORKDIR)
 
 # Tests run on every core (at most 4 workers); tests that share an expensive fixture stay on one worker.
 PYTEST_PAR ?= -n auto --maxprocesses 4 --dist loadgroup

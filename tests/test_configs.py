@@ -105,3 +105,19 @@ def test_mnist_is_the_embedded_default():
   config = _load("mnist").get_config()
   assert config.data.name == "mnist" and config.ae.kind == "conv28"
   assert config.eval.feature_space == "classifier"
+
+
+def test_mnist_full_grows_the_default_run_by_the_trained_baselines_only():
+  """``make baselines`` (configs/mnist.py:full) differs from ``make run`` in sample.methods alone, which is in
+  no stage key: on a finished default run it trains, draws and evaluates only the added methods."""
+  makefile = (CONFIG_DIR.parent / "Makefile").read_text()
+  assert "--config $(CONFIG):full --workdir $(WORKDIR)" in makefile
+  module = _load("mnist")
+  default, full = module.get_config(), module.get_config("full")
+  added = [m for m in full.sample.methods if m not in default.sample.methods]
+  assert added == list(module.TRAINED_BASELINES) == ["wgan_gp", "vae"]
+  assert list(full.sample.methods[:len(default.sample.methods)]) == list(default.sample.methods)
+  flat_default, flat_full = config_lib.flatten(config_lib.as_plain(default)), config_lib.flatten(
+      config_lib.as_plain(full))
+  assert [k for k in flat_full if flat_full[k] != flat_default.get(k)] == ["sample.methods"]
+  assert config_lib.stage_keys(full) == config_lib.stage_keys(default)
