@@ -145,10 +145,17 @@ def metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Option
   real = jnp.asarray(real, jnp.float32)
   eps = metrics_lib.default_sinkhorn_epsilon(real, real)
   num_sk, num_mem = int(sinkhorn_points), int(memorisation_points)
-  prdc = jax.jit(lambda a, b: metrics_lib.precision_recall_density_coverage(a, b, k))
+  # The real side of prdc and memorisation is the same for every call: computed once.
+  radii = metrics_lib.knn_sq_radii(real, k) if "prdc" in names else None
+  prdc = jax.jit(lambda a, b, r: metrics_lib.precision_recall_density_coverage(a, b, k, real_radii=r))
   sinkhorn = jax.jit(lambda a, b: metrics_lib.sinkhorn_divergence(a, b, eps))
   sliced = jax.jit(lambda a, b, key: metrics_lib.sliced_wasserstein(a, b, key, num_projections))
-  memo = jax.jit(lambda a, t, b: metrics_lib.memorisation_rate(a, t, b)["rate"])
+  memo_fn = jax.jit(lambda a, t, b, hd: metrics_lib.memorisation_rate(a, t, b, heldout_distance=hd))
+  heldout_distance = None
+  if "memorisation" in names:
+    train_feats = jnp.asarray(train_feats, jnp.float32)
+    heldout_distance = jax.jit(lambda a, t: metrics_lib.memorisation_rate(a, t, a)["heldout_distance"])(
+        real[:num_mem], train_feats)
 
   def evaluate(fake: np.ndarray, key: jax.Array) -> Dict[str, float]:
     fake = np.asarray(fake, np.float32)
@@ -161,13 +168,14 @@ def metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Option
       elif name == "frechet":
         out["frechet"] = float(metrics_lib.frechet_distance(fake, real))
       elif name == "prdc":
-        out.update({n: float(v) for n, v in prdc(real, jnp.asarray(fake)).items()})
+        out.update({n: float(v) for n, v in prdc(real, jnp.asarray(fake), radii).items()})
       elif name == "sinkhorn":
         out["sinkhorn"] = float(sinkhorn(jnp.asarray(fake[:num_sk]), real[:num_sk]))
       elif name == "sliced_wasserstein":
         out["sliced_wasserstein"] = float(sliced(jnp.asarray(fake), real, key))
       else:
-        out["memorisation_rate"] = float(memo(jnp.asarray(fake[:num_mem]), train_feats, real[:num_mem]))
+        out["memorisation_rate"] = float(memo_fn(jnp.asarray(fake[:num_mem]), train_feats, real[:num_mem],
+                                                 heldout_distance)["rate"])
     return out
 
   return evaluate

@@ -139,6 +139,24 @@ def test_prdc_matches_bruteforce(np_rng, chunk_size):
     assert float(got[name]) == pytest.approx(ref[name], abs=1e-6), name
 
 
+@pytest.mark.parametrize("chunk_size", [100, 1024])
+def test_prdc_with_duplicates_on_the_grouped_path_matches_bruteforce(np_rng, chunk_size):
+  """Sets large enough for the grouped k-th-smallest selection, with repeated points (an ``exact`` sampler
+  draws the same code several times): radii count duplicates as a sort does; cached radii give the same."""
+  real = np_rng.normal(size=(700, 6))
+  fake = np_rng.normal(size=(500, 6)) * 1.2 + 0.3
+  fake[::3] = fake[1::3][:fake[::3].shape[0]]  # many exact duplicates
+  real[:40] = real[40:80]
+  ref = _prdc_reference(real, fake, 5)
+  radii = metrics.knn_sq_radii(real, 5)
+  np.testing.assert_allclose(np.sqrt(radii), np.sort(scipy_distance.cdist(real, real), axis=1)[:, 5],
+                             rtol=1e-4, atol=1e-4)
+  for kwargs in ({}, {"real_radii": radii}):
+    got = metrics.precision_recall_density_coverage(real, fake, k=5, chunk_size=chunk_size, **kwargs)
+    for name in ref:
+      assert float(got[name]) == pytest.approx(ref[name], abs=1e-6), (name, kwargs)
+
+
 def test_prdc_identical_sets_and_far_sets(np_rng):
   real = np_rng.normal(size=(200, 3))
   got = metrics.precision_recall_density_coverage(real, real, k=5)
@@ -252,3 +270,7 @@ def test_memorisation_copies_and_fresh_draws(np_rng):
       np.mean(d.min(axis=1) < threshold), abs=2e-3)
   far = fn(fresh * 5.0, train, heldout, chunk_size=256)
   assert float(far["rate"]) < 0.3
+  cached = metrics.memorisation_rate(fresh, train, heldout, heldout_distance=res_fresh["heldout_distance"])
+  assert float(cached["rate"]) == float(res_fresh["rate"])
+  with pytest.raises(ValueError, match="heldout_distance must have shape"):
+    metrics.memorisation_rate(fresh, train, heldout, heldout_distance=np.zeros(3))
