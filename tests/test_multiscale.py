@@ -24,6 +24,12 @@ def test_level_sizes():
   assert multiscale.level_sizes(5000, 8, 64) == (625, 79, 10)
   assert multiscale.level_sizes(64, 8, 64) == ()
   assert multiscale.level_sizes(65, 8, 64) == (9,)
+  # The solver's levels: clusters of at least codes_per_dim x d codes (4 x 64 = 256 at d = 64, 8 in 2-D).
+  solver = newton.NewtonSolver()
+  assert solver.level_sizes(5000, 2) == (625, 79, 10)
+  assert solver.level_sizes(5000, 64) == (20,)
+  assert solver.level_sizes(20000, 64) == (79, 1)
+  assert newton.NewtonSolver(codes_per_dim=0).level_sizes(5000, 64) == (625, 79, 10)
 
 
 def test_kmeans_recovers_separated_blobs():
