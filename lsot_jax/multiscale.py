@@ -21,12 +21,23 @@ the coarse potential on average over C_k (the cluster keeps its share). Splittin
 codes' heights alone (h_i = H_k, the classical choice) gives its whole mass to the codes on the cluster's
 convex hull and leaves the others empty.
 
+**High dimension.** The moment-matched map is the continuous answer; a cluster of a few codes per dimension
+is far from continuous: nearest-code (Voronoi-like) cells favour the codes near the cluster's mean (hubs),
+and the exact heights sit between that and equal heights. :func:`refine_heights` therefore scales the
+quadratic part of the heights, the term -((y_i - mu_k)^T A_k^(-1) (y_i - mu_k) + tr(A_k Sigma_k)) / 2, by
+one factor c for all clusters, the c in [0, 1.5] that minimises the energy on a fixed source sample (the
+heights are affine in c, so the sampled energy is convex in c: golden-section search). Measured on 8
+Gaussian clusters in d = 64 (n = 5,000, clusters of 625 codes): c = 1 left 364 cells empty on 2^17
+points, c ~ 0.4 none. Clusters must also hold enough codes for the fits: the solver groups at least
+``codes_per_dim`` x d codes per cluster (:meth:`lsot_jax.newton.NewtonSolver.level_sizes`).
+
 All functions are pure and jit-able; :func:`multiscale_start` composes them for
 :class:`lsot_jax.newton.NewtonSolver` (``initialisation="multiscale"``). Its cost is counted in the solver's
 ``samples_scored``: a coarse level's M samples against K targets count as M K / n.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Tuple
 
 import jax
@@ -35,7 +46,8 @@ import jax.numpy as jnp
 from lsot_jax import kernels
 from lsot_jax import solver as solver_lib
 
-__all__ = ["kmeans", "coarse_problem", "refine_heights", "level_sizes", "multiscale_start", "segment_outer"]
+__all__ = ["kmeans", "coarse_problem", "refine_heights", "level_sizes", "multiscale_start", "segment_outer",
+           "sampled_energy", "line_minimise"]
 
 
 def level_sizes(n: int, factor: int, coarsest: int) -> Tuple[int, ...]:
@@ -182,10 +194,70 @@ def _psd_power(evals: jax.Array, evecs: jax.Array, power: float) -> jax.Array:
   return (evecs * evals[..., None, :] ** power) @ jnp.swapaxes(evecs, -1, -2)
 
 
+def sampled_energy(x: jax.Array, y: jax.Array, h: jax.Array, weights: jax.Array, batch: int) -> jax.Array:
+  """E(h) = mean_x max_i (<x, y_i> + h_i) - sum_i nu_i h_i on a fixed sample, batch by batch.
+
+  Args:
+    x: Array of shape [P, d], source samples (P a multiple of ``batch``).
+    y: Array of shape [n, d], targets.
+    h: Array of shape [n], heights (cells of weight 0 are masked).
+    weights: Array of shape [n], target weights nu.
+    batch: samples per assignment call (static).
+
+  Returns:
+    Scalar, the sampled energy (convex in h: an average of maxima of affine functions).
+  """
+  h_eff = solver_lib.masked_heights(h, weights)
+  xb = x.reshape(-1, batch, x.shape[1])
+
+  def body(i, total):
+    _, best = kernels.assign(xb[i], y, h_eff, method="argmax")
+    return total + jnp.sum(best)
+
+  total = jax.lax.fori_loop(0, xb.shape[0], body, jnp.zeros((), jnp.float32))
+  return total / x.shape[0] - jnp.sum(jnp.where(weights > 0, weights * h, 0.0))
+
+
+def line_minimise(f, lo: float, hi: float, steps: int) -> jax.Array:
+  """Golden-section search for the minimiser of a convex scalar function on [lo, hi].
+
+  Args:
+    f: traceable function of a scalar array, convex on [lo, hi].
+    lo, hi: the bracket.
+    steps: function evaluations after the first two (static; the bracket shrinks by 0.618 per step).
+
+  Returns:
+    Scalar, the midpoint of the final bracket.
+  """
+  g = (math.sqrt(5.0) - 1.0) / 2.0
+  a, b = jnp.float32(lo), jnp.float32(hi)
+  c, d = b - g * (b - a), a + g * (b - a)
+
+  def body(_, carry):
+    a, b, c, d, fc, fd = carry
+    left = fc <= fd  # the minimiser lies in [a, d]
+    a, b = jnp.where(left, a, c), jnp.where(left, d, b)
+    new = jnp.where(left, b - g * (b - a), a + g * (b - a))
+    fn = f(new)
+    c, d = jnp.where(left, new, d), jnp.where(left, c, new)
+    fc, fd = jnp.where(left, fn, fd), jnp.where(left, fc, fn)
+    return a, b, c, d, fc, fd
+
+  a, b, *_ = jax.lax.fori_loop(0, steps, body, (a, b, c, d, f(c), f(d)))
+  return 0.5 * (a + b)
+
+
 def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labels: jax.Array,
                    coarse: solver_lib.SemidiscreteProblem, coarse_h: jax.Array, num_probe: int,
-                   chunk: int = 1024) -> jax.Array:
+                   chunk: int = 1024, scale_samples: int = 0, scale_steps: int = 8,
+                   max_scale: float = 1.5) -> Tuple[jax.Array, jax.Array]:
   """Fine heights from a coarse solution, by the per-cluster Gaussian map (see the module docstring).
+
+  With ``scale_samples`` > 0 the quadratic (within-cluster) part of the heights is scaled by the factor
+  c in [0, ``max_scale``] that minimises the energy on a fixed sample of that many source points
+  (golden section; the heights are affine in c, so that sampled energy is convex in c). In high dimension
+  a cluster holds few codes per dimension and the moment-matched map (c = 1) is far from the discrete
+  optimum (measured at d = 64: c ~ 0.3 to 0.4 with 8 clusters of 625 codes).
 
   Args:
     key: PRNG key of the probe samples.
@@ -195,9 +267,12 @@ def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labe
     coarse_h: Array of shape [K], the coarse heights.
     num_probe: source samples used to fit each coarse cell's Gaussian (static).
     chunk: fine targets per chunk when applying the per-cluster quadratic forms (memory chunk * d^2).
+    scale_samples: source samples of the scale search (static; 0: no search, c = 1).
+    scale_steps: golden-section steps of the scale search (static).
+    max_scale: upper end of the searched scales (static).
 
   Returns:
-    Array of shape [n], mean-centred heights.
+    ``(h, c)``: Array of shape [n], mean-centred heights, and the scalar scale used.
   """
   k, d = coarse.y.shape
   nu = problem.weights
@@ -227,8 +302,6 @@ def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labe
   sigma_half = _psd_power(*_psd_eigh(sigma), 0.5)
   middle_evals, middle_evecs = _psd_eigh(sigma_half @ s @ sigma_half)
   a_inv = sigma_half @ _psd_power(middle_evals, middle_evecs, -0.5) @ sigma_half
-  # tr(A Sigma) = tr((Sigma^(1/2) S Sigma^(1/2))^(1/2)): the eigenvalues' square roots, summed.
-  offset = coarse_h - 0.5 * jnp.sum(jnp.sqrt(middle_evals), axis=1)
 
   def quad(args):
     zc, lab = args
@@ -239,8 +312,17 @@ def refine_heights(key: jax.Array, problem: solver_lib.SemidiscreteProblem, labe
   zp = jnp.pad(z, ((0, pad), (0, 0))).reshape(-1, chunk, d)
   lp = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
   q = jax.lax.map(quad, (zp, lp)).reshape(-1)[:n]
-  h = offset[labels] - jnp.sum(m[labels] * z, axis=1) - 0.5 * q
-  return solver_lib.centre(h, nu)
+  linear = coarse_h[labels] - jnp.sum(m[labels] * z, axis=1)
+  # tr(A Sigma) = tr((Sigma^(1/2) S Sigma^(1/2))^(1/2)): the eigenvalues' square roots, summed.
+  quadratic = -0.5 * jnp.sum(jnp.sqrt(middle_evals), axis=1)[labels] - 0.5 * q
+  if scale_samples > 0:
+    batch = min(scale_samples, 65536)
+    probe = problem.source.sample(jax.random.fold_in(key, 1), -(-scale_samples // batch) * batch)
+    scale = line_minimise(lambda c: sampled_energy(probe, problem.y, linear + c * quadratic, nu, batch),
+                          0.0, max_scale, scale_steps)
+  else:
+    scale = jnp.ones((), jnp.float32)
+  return solver_lib.centre(linear + scale * quadratic, nu), scale
 
 
 @jax.jit
@@ -257,12 +339,16 @@ def multiscale_start(solver: Any, problem: solver_lib.SemidiscreteProblem
     ``(h, scored)``: heights [n] and the coarse levels' work in samples scored against n targets.
   """
   n = problem.num_targets
-  k = level_sizes(n, solver.coarsening, solver.coarsest)[0]
+  k = solver.level_sizes(n, problem.dim)[0]
   key = jax.random.key(0x3C5)
   _, labels = kmeans(jax.random.fold_in(key, 0), problem.y, problem.weights, k)
   coarse = coarse_problem(problem, labels, k)
   coarse_solver = solver.coarse_solver(k)
   state = coarse_solver.run(jax.random.fold_in(key, 1), coarse, coarse_solver.init(coarse))
   probe = min(max(64 * k, 16384), 1 << 18)
-  h = refine_heights(jax.random.fold_in(key, 2), problem, labels, coarse, state.h, probe)
-  return h, (state.samples_scored + probe) * (k / n)
+  scale_samples = solver.scale_samples_per_cell * n
+  h, _ = refine_heights(jax.random.fold_in(key, 2), problem, labels, coarse, state.h, probe,
+                        scale_samples=scale_samples, scale_steps=solver.scale_steps)
+  # The scale search scores (scale_steps + 2) samples of scale_samples points against all n targets.
+  search = (solver.scale_steps + 2) * scale_samples if scale_samples > 0 else 0
+  return h, (state.samples_scored + probe) * (k / n) + search

@@ -266,6 +266,10 @@ def test_rejects_bad_hyperparameters():
     newton.NewtonSolver(band_quantile=1.5)
   with pytest.raises(ValueError, match="min_samples"):
     newton.NewtonSolver(min_samples=1 << 20, max_samples=1 << 10)
+  with pytest.raises(ValueError, match="scale_steps"):
+    newton.NewtonSolver(scale_steps=-1)
+  with pytest.raises(ValueError, match="codes_per_dim"):
+    newton.NewtonSolver(codes_per_dim=-2)
 
 
 # ------------------------------------------------------------------------------------------------------
