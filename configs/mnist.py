@@ -23,30 +23,32 @@ the same kind of throwaway script: L1 0.293 -> 0.257 on 2^20 samples, floor 0.19
 
 Command:
   python launch.py --config configs/mnist.py --workdir runs/mnist         # what `make run` does
+  python launch.py --config configs/mnist.py:full --workdir runs/mnist    # `make baselines`: + WGAN-GP, VAE
   python launch.py --config configs/mnist.py:smoke --workdir /tmp/mnist_smoke   # about a minute
   # Step-size x seed scan of the OT fit on the run's codes (writes runs/mnist/scan/scan.{csv,md,png}):
   python launch.py --config configs/mnist.py --workdir runs/mnist --scan ot.learning_rate=0.3,1.0,3.0 \
       --scan seed=0,1,2
 
-Expected runtime (2-core CPU, measured alone): about 13.5 minutes (autoencoder 234 s, OT 161 s = 160
-solver steps to tol, sampling 187 s of which WGAN-GP 65 s and the VAE baseline 96 s, evaluation of 8
-methods x 3 seeds 211 s including the classifier).
-Expected metrics (mean over 3 sampling seeds, Frechet distance ± its standard error, measured; classifier
-test accuracy 0.986, AE held-out MSE 0.0038, OT L1 marginal error 0.454 against a Monte-Carlo noise floor of
-0.382). Copied by hand from that run (its Sinkhorn divergences: 38.4, 37.2, 37.8, 111.3, 45.5, 45.7, 41.5,
-120.5 in this order) until ``python benchmarks/publish_run.py --workdir runs/mnist --name mnist --config
-mnist --update_docs`` replaces it with docs/results/mnist/table.md:
+Expected runtime (measured at commit f790f58 on the 2-core Intel Xeon, the slower of the project's machines;
+docs/results/mnist_run/run.json): ``make run`` 14.2 minutes wall (autoencoder 348 s, encoding 7 s, OT 261 s =
+140 Adam steps to tol, sampling of 6 methods x 3 seeds 60 s, evaluation 149 s including the classifier);
+``make baselines`` on the finished run then trains, draws and evaluates only the WGAN-GP and the VAE
+in 6.3 minutes wall (WGAN-GP 180 s, VAE 142 s, their evaluation 44 s).
+Expected metrics (mean over 3 sampling seeds, Frechet distance ± its standard error; classifier test accuracy
+0.986, AE held-out MSE 0.0038, OT L1 marginal error 0.487 against a Monte-Carlo noise floor of 0.382, unbiased
+bound 0.379), after ``make run`` and ``make baselines``, as ``python benchmarks/publish_run.py --workdir
+runs/mnist --name mnist --config mnist --update_docs`` wrote them in docs/results/mnist/table.md:
 
   | method | Frechet distance | precision | recall | density | coverage | memorisation |
   |---|---|---|---|---|---|---|
-  | LSOT exact | 1.80 ± 0.16 | 0.947 | 0.912 | 1.02 | 0.944 | 0.994 |
-  | LSOT extended | 2.86 ± 0.21 | 0.937 | 0.907 | 1.03 | 0.948 | 0.747 |
-  | LSOT soft | 3.15 ± 0.01 | 0.948 | 0.888 | 1.14 | 0.952 | 0.794 |
-  | AE + Gaussian | 66.7 ± 0.1 | 0.741 | 0.695 | 0.394 | 0.243 | 0.016 |
-  | AE + GMM | 11.8 ± 0.1 | 0.871 | 0.824 | 0.713 | 0.776 | 0.329 |
-  | AE + Sinkhorn map (ott) | 14.8 ± 0.4 | 0.938 | 0.601 | 1.09 | 0.843 | 0.522 |
-  | AE + latent WGAN-GP | 5.04 ± 0.06 | 0.904 | 0.780 | 0.900 | 0.856 | 0.455 |
-  | VAE | 86.0 ± 0.4 | 0.845 | 0.610 | 0.548 | 0.264 | 0.039 |
+  | LSOT exact | 2.31 ± 0.114 | 0.954 | 0.914 | 1.036 | 0.947 | 0.994 |
+  | LSOT extended | 3.584 ± 0.217 | 0.940 | 0.898 | 1.045 | 0.947 | 0.744 |
+  | LSOT soft | 4.17 ± 0.145 | 0.950 | 0.880 | 1.15 | 0.949 | 0.804 |
+  | AE + Gaussian | 68.27 ± 0.370 | 0.748 | 0.692 | 0.397 | 0.237 | 0.018 |
+  | AE + GMM | 12.56 ± 0.056 | 0.869 | 0.820 | 0.694 | 0.756 | 0.317 |
+  | AE + Sinkhorn map (ott) | 17.17 ± 0.097 | 0.942 | 0.559 | 1.095 | 0.834 | 0.502 |
+  | AE + latent WGAN-GP | 5.571 ± 0.178 | 0.912 | 0.765 | 0.914 | 0.863 | 0.462 |
+  | VAE | 86.14 ± 0.316 | 0.845 | 0.608 | 0.550 | 0.264 | 0.041 |
 """
 from lsot_jax import config as config_lib
 
