@@ -91,6 +91,7 @@ def _cells(table):
   return [[c.strip() for c in line.strip("|").split("|")] for i, line in enumerate(lines) if i != 1]
 
 
+@pytest.mark.slow  # builds and finishes a toy run (~1 minute on the 2-core CPU)
 def test_publish_command_writes_a_finished_runs_files_and_updates_the_quotes(toy_run, tmp_path):
   config_file, finished = toy_run
   workdir = tmp_path / "run"
@@ -146,6 +147,7 @@ def test_publish_command_writes_a_finished_runs_files_and_updates_the_quotes(toy
   assert doc.endswith("\n\nThe end.\n")
 
 
+@pytest.mark.slow  # builds and finishes a toy run (~1 minute on the 2-core CPU)
 def test_publish_command_refuses_bad_input_in_one_line(toy_run, tmp_path, capsys):
   _, workdir = toy_run
   main = _script().main
