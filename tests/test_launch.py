@@ -48,10 +48,9 @@ _MOCK_LAUNCHER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="3")
+def env():
+  """The children's environment: the suite's compilation cache (tests/conftest.py), quiet TensorFlow logs."""
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +123,7 @@ def test_toy_rerun_skips_finished_stages(ring_run, env):
     assert (workdir / stage / "DONE.json").read_bytes() == markers[stage], stage
 
 
+@pytest.mark.slow  # 70 s on the 2-core Xeon; test_pipeline's interrupted OT and sample stages are the fast ones
 def test_kill_during_ot_then_resume_gives_the_same_metrics(ring_run, env, tmp_path):
   reference, _ = ring_run
   workdir = tmp_path / "run"
@@ -207,6 +207,7 @@ def image_run(tmp_path_factory, env, mock_launcher):
   return workdir
 
 
+@pytest.mark.slow  # 107 s; TFDS reading is in test_data / test_streaming, the image pipeline in test_runs (digits)
 def test_image_end_to_end_on_mock_tfds(image_run):
   metrics = _metrics(image_run)
   assert metrics["dataset"] == "fashion_mnist" and metrics["kind"] == "image"

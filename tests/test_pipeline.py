@@ -730,6 +730,7 @@ def test_ae_scan_too_large_for_the_memory_is_refused_before_training(tmp_path, m
   assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json"]
 
 
+@pytest.mark.slow  # 67 s; test_ae_scan_static_groups_and_a_diverged_setting runs an AE scan in the default suite
 def test_ae_scan_rows_equal_per_setting_runs_and_leave_the_stages_alone(tmp_path):
   """ae.learning_rate x seed x ot.learning_rate: 4 autoencoders in one vmapped training, 8 potentials fitted
   to their own codes in one vmapped call. The config's own autoencoder comes LAST in the scan, so its rows

@@ -285,8 +285,16 @@ def _child_results(group):
   return _CHILD_RESULTS[group]
 
 
+# The "solvers" child (Adam solves on 4 devices, ~2 minutes of the 2-core CPU) is a slow test: the default
+# suite keeps the "kernels" child (assignment, top-k and the sharded Newton solve) and test_pipeline's sharded
+# OT stage, which compares a sharded Adam fit with one device.
+_SLOW_GROUPS = ("solvers",)
+
+
 @pytest.mark.parametrize("group,name", [
-    pytest.param(group, check.__name__, marks=pytest.mark.xdist_group(f"sharding-{group}"), id=check.__name__)
+    pytest.param(group, check.__name__, id=check.__name__,
+                 marks=[pytest.mark.xdist_group(f"sharding-{group}")] + ([pytest.mark.slow] if group in _SLOW_GROUPS
+                                                                         else []))
     for group, checks in _CHILD_GROUPS.items() for check in checks])
 def test_on_four_devices(group, name):
   assert _child_results(group)[name] == "ok", _child_results(group)[name]
