@@ -665,6 +665,7 @@ def test_bad_scan_specs_are_refused_before_work(tmp_path, spec, match):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow  # 29 s; test_scan.py checks the engine, test_ae_scan_static_groups_and_a_diverged_setting run_scan
 def test_scan_reproduces_the_ot_stage_and_leaves_the_run_alone(tmp_path):
   workdir = tmp_path / "run"
   config = _tiny_config(sample__num_seeds=1)
@@ -950,6 +951,7 @@ def _numbers(tree, prefix=""):
   return out
 
 
+@pytest.mark.slow  # 33 s; test_train's streamed training and test_streaming's stream_codes are the fast ones
 def test_streamed_ae_and_encode_stages_give_the_in_memory_results(tmp_path, monkeypatch):
   """A tiny Fashion-MNIST run on tfds.testing.mock_data, with data.stream off and on: the same codes (bit for
   bit: same batches, same encoder batch size), the same metrics.json numbers, the same stage keys, and the
