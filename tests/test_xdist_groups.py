@@ -16,5 +16,5 @@ def two_clusters():
 def test_a_shared_fixture_test_carries_its_group_in_the_scheduled_node_id(request, two_clusters):
   marks = [m.args[0] for m in request.node.iter_markers("xdist_group")]
   assert marks == [f"{request.module.__name__}-two_clusters"], marks
-  if request.config.getvalue("loadgroup"):  # under `make test`: the scheduler groups by this suffix
+  if getattr(request.config.option, "loadgroup", False):  # an xdist worker under `make test` (`--dist loadgroup`)
     assert request.node.nodeid.endswith(f"@{marks[0]}"), request.node.nodeid
