@@ -36,6 +36,7 @@ import optax
 
 from lsot_jax import control
 from lsot_jax import kernels
+from lsot_jax import problem as problem_lib
 from lsot_jax.problem import (
     SemidiscreteProblem,
     centre,
@@ -48,20 +49,7 @@ from lsot_jax.problem import (
     voronoi_heights,
 )
 
-__all__ = [
-    "BrenierPotential",
-    "BrenierSolver",
-    "SemidiscreteProblem",
-    "SolverState",
-    "centre",
-    "make_problem",
-    "marginal_chi2",
-    "masked_heights",
-    "noise_floor_l1",
-    "sampling_floor",
-    "score_gap",
-    "voronoi_heights",
-]
+__all__ = ["BrenierPotential", "BrenierSolver", "SolverState"] + problem_lib.__all__
 
 
 @jax.tree_util.register_dataclass
