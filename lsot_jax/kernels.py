@@ -56,6 +56,9 @@ import numpy as np
 
 __all__ = [
     "MASKED_HEIGHT",
+    "TILE",
+    "TOPK_ROW_CHUNK",
+    "TOPK_TILE",
     "TOP_K_GROUP",
     "assign",
     "cell_histogram",
@@ -69,9 +72,11 @@ __all__ = [
 
 Method = Literal["auto", "topk", "fused", "argmax"]
 METHODS = ("topk", "fused", "argmax")
-# The "topk" method materialises one [row_chunk, tile] score tile at a time: keep it in cache.
-_TOPK_ROW_CHUNK = 256
-_TOPK_TILE = 2048
+# Targets per tile of the "fused" and "argmax" assignment.
+TILE = 8192
+# The top-k kernel (and the "topk" assignment) materialises one [row_chunk, tile] score tile at a time.
+TOPK_ROW_CHUNK = 256
+TOPK_TILE = 2048
 
 # Scale that separates "score is within the band" from "score is below it" in the fused sweep 2.
 _SEPARATION = float(2.0**60)
@@ -275,7 +280,7 @@ def assign(
     y: jax.Array,
     h: jax.Array,
     *,
-    tile_size: int = 8192,
+    tile_size: int = TILE,
     row_chunk: int = 4096,
     method: Method = "auto",
     axis_name: Optional[str] = None,
@@ -287,7 +292,8 @@ def assign(
     y: Array of shape [n, d], target codes (with ``axis_name``: this device's shard of n targets).
     h: Array of shape [n], heights (with ``axis_name``: this device's shard).
     tile_size: Targets per tile at most (static); the tiles are balanced, e.g. 20,000 targets with
-      ``tile_size=8192`` make 3 tiles of 6,672.
+      ``tile_size=8192`` make 3 tiles of 6,672. ``"topk"`` uses at most :data:`TOPK_TILE` (and
+      :data:`TOPK_ROW_CHUNK` rows).
     row_chunk: Source rows per chunk (static).
     method: ``"topk"``, ``"fused"``, ``"argmax"`` or ``"auto"`` (see the module docstring).
     axis_name: inside ``shard_map`` / ``pmap`` with the targets split in equal shards along this axis (x
@@ -316,7 +322,7 @@ def assign(
   if tile_size < 1 or row_chunk < 1:
     raise ValueError(f"tile_size and row_chunk must be >= 1; got {tile_size}, {row_chunk}.")
   if method == "topk":
-    vals, idx = top_k(x, y, h, 1, tile_size=min(tile_size, _TOPK_TILE), row_chunk=min(row_chunk, _TOPK_ROW_CHUNK),
+    vals, idx = top_k(x, y, h, 1, tile_size=min(tile_size, TOPK_TILE), row_chunk=min(row_chunk, TOPK_ROW_CHUNK),
                       axis_name=axis_name)
     return idx[:, 0], vals[:, 0]
   dtype = jnp.result_type(x.dtype, y.dtype, h.dtype)
@@ -421,8 +427,8 @@ def top_k(
     h: jax.Array,
     k: int,
     *,
-    tile_size: int = 2048,
-    row_chunk: int = 256,
+    tile_size: int = TOPK_TILE,
+    row_chunk: int = TOPK_ROW_CHUNK,
     axis_name: Optional[str] = None,
 ) -> Tuple[jax.Array, jax.Array]:
   """The k best cells of each point: the k highest scores ``<x_m, y_i> + h_i`` and their indices.
@@ -496,8 +502,8 @@ def column_max_gap(
     h: jax.Array,
     best: jax.Array,
     *,
-    tile_size: int = 2048,
-    row_chunk: int = 256,
+    tile_size: int = TOPK_TILE,
+    row_chunk: int = TOPK_ROW_CHUNK,
 ) -> jax.Array:
   """For each target, how close it comes to winning a point: ``max_m (<x_m, y_i> + h_i - best_m)``.
 
