@@ -110,8 +110,8 @@ def top_k_cells(
     h: jax.Array,
     k: int,
     *,
-    chunk_size: int = 256,
-    tile_size: int = 2048,
+    chunk_size: int = kernels.TOPK_ROW_CHUNK,
+    tile_size: int = kernels.TOPK_TILE,
 ) -> Tuple[jax.Array, jax.Array]:
   """The k highest scores <z, y_i> + h_i per sample and their code indices (:func:`lsot_jax.kernels.top_k`).
 

@@ -360,8 +360,8 @@ def sharded_top_k(
     k: int,
     *,
     axis_name: Optional[str] = None,
-    tile_size: int = 2048,
-    row_chunk: int = 256,
+    tile_size: int = kernels.TOPK_TILE,
+    row_chunk: int = kernels.TOPK_ROW_CHUNK,
 ) -> Tuple[jax.Array, jax.Array]:
   """:func:`lsot_jax.kernels.top_k` with the targets sharded over a mesh axis (n a multiple of its size).
 
