@@ -174,6 +174,35 @@ def test_stream_codes_in_dataset_order(digits):
         source, 256, drop_remainder=True))
 
 
+def test_head_gather_and_labels_read_only_what_they_return(digits):
+  source = streaming.array_source(digits.x, digits.labels)
+  first = streaming.head(source, 100)
+  assert first.num_examples == 100
+  assert streaming.head(source, 10**6).num_examples == 1500
+  out = _read(streaming.image_stream(first, 32, shuffle=False))
+  np.testing.assert_array_equal(out["image"], digits.x[:100])
+  index = np.array([1499, 3, 3, 700])
+  np.testing.assert_array_equal(streaming.gather(source, index),
+                                digits.x[index])
+  assert streaming.gather(source, []).shape == (0, 8, 8, 1)
+  with pytest.raises(IndexError, match=r"\[0, 100\)"):
+    streaming.gather(first, [100])
+  with pytest.raises(IndexError):
+    streaming.gather(source, [-1])
+  np.testing.assert_array_equal(streaming.source_labels(source),
+                                digits.labels)
+  assert streaming.source_labels(streaming.array_source(digits.x)) is None
+  # A source not held in memory is read once for its labels, in order.
+  records = [(digits.x[i], int(digits.labels[i])) for i in range(300)]
+  listed = streaming.ImageSource(records, source.decode, (8, 8, 1), True,
+                                 "listed")
+  labels = streaming.source_labels(listed, batch_size=64, num_threads=2)
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(labels, digits.labels[:300])
+  np.testing.assert_array_equal(
+      streaming.source_labels(streaming.head(listed, 70)), digits.labels[:70])
+
+
 def test_bad_arguments(digits):
   source = streaming.array_source(digits.x)
   with pytest.raises(ValueError, match="batch_size"):
