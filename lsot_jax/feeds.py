@@ -30,8 +30,8 @@ import numpy as np
 
 from lsot_jax import streaming
 
-__all__ = ["ArrayFeed", "StreamFeed", "batched_apply", "classification_accuracy", "float_array", "labelled_data",
-           "make_feed", "training_data", "training_stream"]
+__all__ = ["ArrayFeed", "StreamFeed", "batched_apply", "classification_accuracy", "float_array",
+           "labelled_data", "make_feed", "training_data", "training_stream"]
 
 _LOG = logging.getLogger(__name__)
 Batch = Tuple[np.ndarray, ...]

@@ -1,7 +1,6 @@
 """The pipeline in-process: stages, skipping, config fingerprint, bad input, OT divergence, report helpers,
 scans; and the sharded OT stage on 4 forced CPU devices (one subprocess, see ``_sharded_child``)."""
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -14,10 +13,10 @@ import textwrap
 import warnings
 
 import jax.numpy as jnp
+import mock_tfds
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from lsot_jax import checkpoint as checkpoint_lib
@@ -928,15 +927,6 @@ def test_data_parallel_autoencoder_equals_one_device(sharded):
   assert "ae.batch_size=66 must be a multiple of the 4 devices" in message and not created
 
 
-class _BoundGetitemsMock(tfds.testing.PickableDataSourceMock):
-  """Binds the mock's ``__getitems__`` partial to the mock (tfds 4.9.10 bug)."""
-
-  def __setattr__(self, name, value):
-    if name == "__getitems__" and isinstance(value, functools.partial):
-      value = functools.partial(value, self)
-    super().__setattr__(name, value)
-
-
 def _numbers(tree, prefix=""):
   """The numbers of a metrics.json tree as ``{dotted: value}`` (stage seconds and the setting left out)."""
   out = {}
@@ -971,8 +961,7 @@ def test_streamed_ae_and_encode_stages_give_the_in_memory_results(tmp_path, monk
   streamed = config_lib.config_from_dict(config_lib.as_plain(c))
   streamed.data.stream = True
   assert config_lib.stage_keys(streamed) == config_lib.stage_keys(c)
-  with tfds.testing.mock_data(num_examples=96, policy=tfds.testing.MockPolicy.USE_CODE,
-                              mock_array_record_data_source=_BoundGetitemsMock()):
+  with mock_tfds.mock_data(num_examples=96):
     in_memory = pipeline.run(c, tmp_path / "memory", log=_quiet([]))
     lines = []
     out = pipeline.run(streamed, tmp_path / "stream", log=lines.append)

@@ -13,6 +13,7 @@ import json
 import grain
 import jax
 import jax.numpy as jnp
+import mock_tfds
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -381,19 +382,8 @@ def test_tfds_array_record_stream(tiny_tfds_dir):
       train.epoch_permutation(9, 1, 23)[4:8]])
 
 
-class _BoundGetitemsMock(tfds.testing.PickableDataSourceMock):
-  """Binds the mock's ``__getitems__`` partial to the mock (tfds 4.9.10 bug)."""
-
-  def __setattr__(self, name, value):
-    if name == "__getitems__" and isinstance(value, functools.partial):
-      value = functools.partial(value, self)
-    super().__setattr__(name, value)
-
-
 def test_tfds_mock_stream_equals_load_dataset():
-  with tfds.testing.mock_data(
-      num_examples=11, policy=tfds.testing.MockPolicy.USE_CODE,
-      mock_array_record_data_source=_BoundGetitemsMock()):
+  with mock_tfds.mock_data(num_examples=11):
     for name, kwargs in (("fashion_mnist", {}), ("celeb_a", {}),
                          ("cifar10", {"image_size": 16, "num_examples": 6})):
       ref = data.load_dataset(name, "train", **kwargs)
