@@ -79,8 +79,8 @@ def test_a_streamed_run_loads_no_whole_split(tmp_path, monkeypatch):
   assert _stream_position(tmp_path / "run" / "eval" / "classifier" / "ckpt") == (2, 2)
 
 
-@pytest.mark.slow  # 60 s; the fast ones: test_a_streamed_run_loads_no_whole_split, test_evaluator's and
-# test_train's streamed-against-in-memory tests, test_streaming's stream_codes
+@pytest.mark.slow  # 11 s (32 s with a cold compilation cache); the fast ones: test_a_streamed_run_loads_no_whole_split,
+# test_evaluator's and test_train's streamed-against-in-memory tests, test_streaming's stream_codes
 def test_a_streamed_run_gives_the_in_memory_results(tmp_path, monkeypatch):
   """The same run with data.stream off and on (the streamed one loading no whole split): the same codes (bit
   for bit: same batches, same encoder batch size), the same metrics.json numbers (VAE baseline, classifier
