@@ -1,6 +1,6 @@
-"""Peak host memory (RSS) of reading one epoch: in-memory loaders vs grain streams.
+"""Peak host memory (RSS), in-memory loaders vs grain streams: one epoch, a full run.
 
-Four cases, each in its own subprocess so that every peak is its own
+Six cases, each in its own subprocess so that every peak is its own
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
 
 * ``folder_before``: ``data.load_dataset("celeba_folder", "train", ...)`` on a
@@ -12,16 +12,25 @@ Four cases, each in its own subprocess so that every peak is its own
   ``--num_examples`` examples of ``--tfds_name`` (default ``mnist``: 28 x 28 x 1;
   ``celeb_a`` would need ~50 KB of float32 per example in memory before),
   read by ``data.load_dataset`` and by the stream.
+* ``run_before`` / ``run_after``: a full run, every stage (``pipeline.run``:
+  ae, encode, ot, sample with the VAE baseline, eval with classifier features
+  and the memorisation rate), on the same mock ``tfds:<--tfds_name>`` with
+  ``--num_examples`` training and ``--run_num_test`` test examples, with
+  ``data.stream`` off (the splits loaded) and on (every stage streams);
+  small models and one epoch each (:func:`run_config`), so that the data
+  dominates memory. They report the run's metrics too: the two agree.
 
-Each case reports its peak RSS, the RSS after its imports (grain imports JAX,
+Each read case reports its peak RSS, the RSS after its imports (grain imports JAX,
 the in-memory path does not), the wall time, and the sum of all pixels (the
 same data is read either way: the sums agree to float32 rounding).
 
 Usage:
   python benchmarks/bench_streaming.py                        # 50,000 files, 200,000 examples
   python benchmarks/bench_streaming.py --num_files 5000 --num_examples 20000   # quick
+  python benchmarks/bench_streaming.py --cases run_before,run_after           # full runs only
 
-Results: ``benchmarks/results/streaming_rss.{json,md}``.
+Results: ``benchmarks/results/streaming_rss.{json,md}`` (reading one epoch)
+and ``benchmarks/results/streaming_run_rss.{json,md}`` (full runs).
 """
 from __future__ import annotations
 
@@ -38,7 +47,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-CASES = ("folder_before", "folder_after", "tfds_before", "tfds_after")
+READ_CASES = ("folder_before", "folder_after", "tfds_before", "tfds_after")
+RUN_CASES = ("run_before", "run_after")
+CASES = READ_CASES + RUN_CASES
 
 
 def cpu_name() -> str:
@@ -96,8 +107,64 @@ def _tfds_mock(num_examples: int):
       mock_array_record_data_source=BoundGetitemsMock())
 
 
+def run_config(tfds_name: str, num_train: int, num_test: int, stream: bool):
+  """The full run's config: every stage, small models, one epoch each.
+
+  MLP autoencoder (latent 8), Adam OT fitted to 10,000 of the codes (all of
+  them when there are fewer), the
+  ``exact`` and ``vae`` methods (1,000 samples), classifier features with
+  the Frechet distance and the memorisation rate (100 samples against every
+  training example's features, 1,000 held-out examples).
+  """
+  from lsot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  c.data.name, c.data.num_train, c.data.num_test = f"tfds:{tfds_name}", 0, num_test
+  c.data.stream = stream
+  c.ae.kind, c.ae.latent_dim, c.ae.widths = "mlp", 8, (128,)
+  c.ae.epochs, c.ae.batch_size = 1, 256
+  c.ot.num_codes, c.ot.num_iterations = min(10_000, num_train), 200
+  c.sample.methods, c.sample.num_samples, c.sample.num_seeds = ("exact", "vae"), 1000, 1
+  c.sample.vae_epochs = 1
+  c.eval.metrics, c.eval.feature_space = ("frechet", "memorisation"), "classifier"
+  c.eval.classifier_epochs, c.eval.num_real, c.eval.memorisation_points = 1, 1000, 100
+  c.log.progress, c.log.tensorboard = False, False
+  return c
+
+
+def run_pipeline_case(args) -> dict:
+  """A full run (``run_before``: in memory, ``run_after``: streamed) in a
+  fresh workdir, inside the TFDS mock; returns its measurements."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  from lsot_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = run_config(args.tfds_name, args.num_examples, args.run_num_test,
+                      stream=args.case == "run_after")
+  imports_rss = peak_rss_mib()
+  workdir = tempfile.mkdtemp(prefix="lsot_bench_run_")
+  lines = []
+  start = time.perf_counter()
+  try:
+    with _tfds_mock(args.num_examples):
+      metrics = pipeline.run(config, os.path.join(workdir, "run"),
+                             log=lines.append)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  seconds = time.perf_counter() - start
+  stage_seconds = {k: round(v, 1) for k, v in metrics["stage_seconds"].items()
+                   if v is not None}
+  return {"case": args.case, "examples": args.num_examples,
+          "test_examples": args.run_num_test,
+          "peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": imports_rss,
+          "seconds": seconds, "stage_seconds": stage_seconds,
+          "classifier_test_accuracy": metrics["classifier_test_accuracy"],
+          "methods": metrics["methods"]}
+
+
 def run_case(args) -> dict:
   """One case in this process; returns its measurements."""
+  if args.case in RUN_CASES:
+    return run_pipeline_case(args)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lsot_jax import data  # pylint: disable=g-import-not-at-top
   case = args.case
@@ -133,9 +200,46 @@ def run_case(args) -> dict:
           "seconds": seconds, "pixel_sum": total}
 
 
-def write_results(rows, meta) -> None:
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "streaming_rss.json"), "w") as f:
+def write_run_results(rows, meta, results: str = RESULTS) -> None:
+  """``<results>/streaming_run_rss.{json,md}``: peak RSS and metrics of the
+  full runs."""
+  os.makedirs(results, exist_ok=True)
+  with open(os.path.join(results, "streaming_run_rss.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=2)
+  lines = [
+      "# Peak RSS of a full run: splits loaded vs `data.stream=True`", "",
+      f"`{meta['command']}` on {meta['cpu']} ({meta['cpus']} CPUs, shared "
+      "with other jobs; times are noise, memory is not). Each run in its own "
+      "subprocess, every stage (`benchmarks/bench_streaming.py:run_config`) "
+      f"on `tfds.testing.mock_data` `tfds:{meta['tfds_name']}`; RSS from "
+      "`getrusage(RUSAGE_SELF).ru_maxrss`.", "",
+      "| case | data.stream | train / test examples | peak RSS | RSS after "
+      "imports | seconds | stage seconds |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+    lines.append(
+        f"| {r['case']} | {r['case'] == 'run_after'} | {r['examples']:,} / "
+        f"{r['test_examples']:,} | {r['peak_rss_mib']:,.0f} MiB | "
+        f"{r['rss_after_imports_mib']:,.0f} MiB | {r['seconds']:.0f} | "
+        f"{stages} |")
+  lines += ["", "| case | classifier accuracy | method | " + " | ".join(
+      _RUN_METRICS) + " |", "|---|---|---|" + "---|" * len(_RUN_METRICS)]
+  for r in rows:
+    for method, row in r["methods"].items():
+      values = " | ".join(f"{row[m]:.6g}" for m in _RUN_METRICS)
+      lines.append(f"| {r['case']} | {r['classifier_test_accuracy']:.4f} | "
+                   f"{method} | {values} |")
+  with open(os.path.join(results, "streaming_run_rss.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+_RUN_METRICS = ("frechet", "memorisation_rate")
+
+
+def write_results(rows, meta, results: str = RESULTS) -> None:
+  """``<results>/streaming_rss.{json,md}``: peak RSS of reading one epoch."""
+  os.makedirs(results, exist_ok=True)
+  with open(os.path.join(results, "streaming_rss.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=2)
   by_case = {r["case"]: r for r in rows}
   lines = [
@@ -168,7 +272,7 @@ def write_results(rows, meta) -> None:
             "RSS after imports includes grain; both paths import JAX (`import lsot_jax`)."]
   if meta.get("folder_seconds"):
     lines.append(f"Generating the folder took {meta['folder_seconds']:.0f} s.")
-  with open(os.path.join(RESULTS, "streaming_rss.md"), "w") as f:
+  with open(os.path.join(results, "streaming_rss.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
 
@@ -187,7 +291,11 @@ def main(argv=None) -> None:
   parser.add_argument("--folder", default=None,
                       help="default /tmp/lsot_stream_jpegs_<num_files>")
   parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument("--run_num_test", type=int, default=20_000,
+                      help="test examples of the full runs (run_* cases)")
   parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--results", default=RESULTS,
+                      help="folder of the result files")
   parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.folder is None:
@@ -211,7 +319,8 @@ def main(argv=None) -> None:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case,
            "--num_files", str(args.num_files), "--num_examples",
            str(args.num_examples), "--tfds_name", args.tfds_name,
-           "--folder", args.folder, "--batch_size", str(args.batch_size)]
+           "--folder", args.folder, "--batch_size", str(args.batch_size),
+           "--run_num_test", str(args.run_num_test)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -223,9 +332,15 @@ def main(argv=None) -> None:
           "cpus": os.cpu_count(), "python": platform.python_version(),
           "num_files": args.num_files, "num_examples": args.num_examples,
           "tfds_name": args.tfds_name, "batch_size": args.batch_size,
-          "folder_seconds": folder_seconds}
-  write_results(rows, meta)
-  print(f"wrote {RESULTS}/streaming_rss.{{json,md}}")
+          "folder_seconds": folder_seconds, "run_num_test": args.run_num_test}
+  read_rows = [r for r in rows if r["case"] in READ_CASES]
+  run_rows = [r for r in rows if r["case"] in RUN_CASES]
+  if read_rows:
+    write_results(read_rows, meta, args.results)
+    print(f"wrote {args.results}/streaming_rss.{{json,md}}")
+  if run_rows:
+    write_run_results(run_rows, meta, args.results)
+    print(f"wrote {args.results}/streaming_run_rss.{{json,md}}")
 
 
 if __name__ == "__main__":

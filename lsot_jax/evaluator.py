@@ -5,12 +5,15 @@
 * :func:`metric_evaluator` returns ``evaluate(fake_features, key) -> {name: float}`` for a set of metric
   names of :data:`lsot_jax.metrics.METRIC_NAMES`, each JAX metric jitted once for every call.
 * :func:`seed_average` turns per-seed results into one row (mean and standard error).
+* :func:`split_features`, :func:`split_examples` and :func:`split_labels` read a split loaded into memory
+  or, with ``data.stream``, opened as a source (batch by batch, or only the examples asked for), with the
+  same results.
 """
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +22,20 @@ import numpy as np
 
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
+from lsot_jax import feeds
 from lsot_jax import metrics as metrics_lib
 from lsot_jax import models
+from lsot_jax import streaming
 from lsot_jax import tracking
 from lsot_jax import train
 from lsot_jax import workdir as workdir_lib
 
-__all__ = ["Features", "classifier_features", "feature_fn", "metric_evaluator", "pixel_features",
-           "point_features", "seed_average"]
+__all__ = ["Features", "Split", "classifier_features", "feature_fn", "metric_evaluator", "pixel_features",
+           "point_features", "seed_average", "split_examples", "split_features", "split_labels"]
 
 Features = Callable[[np.ndarray], np.ndarray]
+# A split loaded into memory, or opened as a source for streams (``data.stream``).
+Split = Union[data_lib.Dataset, streaming.ImageSource]
 
 
 def point_features(x: np.ndarray) -> np.ndarray:
@@ -48,14 +55,29 @@ def pixel_features(pool: int) -> Features:
   return features
 
 
-def classifier_features(config: ml_collections.ConfigDict, train_set: data_lib.Dataset,
-                        test_set: data_lib.Dataset, folder: pathlib.Path,
-                        tracker: Optional[tracking.Tracker] = None) -> Tuple[Features, float]:
+def split_labels(split: Split) -> Optional[np.ndarray]:
+  """The int labels [N] of a loaded split, or of a source (read once, :func:`lsot_jax.streaming.
+  source_labels`); None without labels."""
+  return streaming.source_labels(split) if isinstance(split, streaming.ImageSource) else split.labels
+
+
+def classifier_features(config: ml_collections.ConfigDict, train_set: Split, test_set: Split,
+                        folder: pathlib.Path, tracker: Optional[tracking.Tracker] = None
+                        ) -> Tuple[Features, float]:
   """The evaluation classifier's penultimate features, trained in ``folder`` (or restored from it); its
   training losses go to ``tracker`` (None: nowhere).
 
   ``eval.classifier_dir``, when set, replaces ``folder`` (a cache shared between runs); its ``spec.json``
   records what it was trained for, and a classifier of another setting is refused.
+
+  Args:
+    config: the run's config.
+    train_set / test_set: the splits, loaded (:class:`lsot_jax.data.Dataset`) or as sources
+      (:class:`lsot_jax.streaming.ImageSource`, ``data.stream``): a source's labels are read once, then the
+      classifier trains on :func:`lsot_jax.feeds.training_stream` and is tested over a stream of the test
+      split, with the in-memory classifier's batches (the same parameters and accuracy).
+    folder: the classifier's folder.
+    tracker: where its losses go.
 
   Returns:
     ``(features(x [M, ...]) -> [M, F], test accuracy)``.
@@ -65,10 +87,11 @@ def classifier_features(config: ml_collections.ConfigDict, train_set: data_lib.D
     ConfigMismatchError: the shared classifier was trained for another setting.
   """
   ev = config.eval
-  if train_set.labels is None:
+  labels = split_labels(train_set)
+  if labels is None:
     raise config_lib.PipelineError(f"Dataset {config.data.name!r} has no labels, so no classifier can be "
                                    "trained for the metrics; use --config.eval.feature_space=pixels.")
-  num_classes = max(int(train_set.labels.max()) + 1, 2)
+  num_classes = max(int(labels.max()) + 1, 2)
   cdir = pathlib.Path(os.path.abspath(ev.classifier_dir)) if ev.classifier_dir else folder
   spec = {"dataset": config.data.name, "image_size": config.data.image_size,
           "input_shape": list(train_set.example_shape), "num_classes": num_classes,
@@ -84,19 +107,30 @@ def classifier_features(config: ml_collections.ConfigDict, train_set: data_lib.D
   else:
     workdir_lib.write_json(cdir / "spec.json", spec)
   model_cfg = models.ClassifierConfig(kind="cnn", input_shape=train_set.example_shape, num_classes=num_classes)
-  graphdef, params, accuracy = train.train_classifier(
-      train_set.x, train_set.labels, test_set.x, test_set.labels, model_cfg, str(cdir / "ckpt"),
-      config_lib.classifier_train_config(config), log_path=str(cdir / "metrics.jsonl"), tracker=tracker)
+  train_cfg = config_lib.classifier_train_config(config)
+  if isinstance(train_set, streaming.ImageSource):
+    data: Tuple[Any, ...] = (feeds.training_stream(train_set, train_cfg), None,
+                             streaming.image_stream(test_set, 1024, shuffle=False), None)
+  else:
+    data = (train_set.x, labels, test_set.x, split_labels(test_set))
+  try:
+    graphdef, params, accuracy = train.train_classifier(
+        *data, model_cfg, str(cdir / "ckpt"), train_cfg, log_path=str(cdir / "metrics.jsonl"), tracker=tracker)
+  finally:
+    for stream in data:
+      if isinstance(stream, streaming.ImageStream):
+        stream.close()
   fn = jax.jit(lambda p, x: models.classifier_features(graphdef, p, x))
   return (lambda x: train.batched_apply(lambda xb: fn(params, xb), np.asarray(x, np.float32),
                                         batch_size=1024)), accuracy
 
 
-def feature_fn(config: ml_collections.ConfigDict, train_set: data_lib.Dataset, test_set: data_lib.Dataset,
+def feature_fn(config: ml_collections.ConfigDict, train_set: Split, test_set: Split,
                folder: pathlib.Path, tracker: Optional[tracking.Tracker] = None
                ) -> Tuple[Features, Dict[str, Any]]:
   """The feature space of ``eval.feature_space``: ``(features, extra facts for metrics.json)``; a classifier
-  trained for it writes its losses to ``tracker`` (None: nowhere)."""
+  trained for it (on the splits, loaded or sources: :func:`classifier_features`) writes its losses to
+  ``tracker`` (None: nowhere)."""
   space = config.eval.feature_space
   if space == "points":
     return point_features, {}
@@ -104,6 +138,36 @@ def feature_fn(config: ml_collections.ConfigDict, train_set: data_lib.Dataset, t
     features, accuracy = classifier_features(config, train_set, test_set, folder, tracker=tracker)
     return features, {"classifier_test_accuracy": accuracy}
   return pixel_features(int(config.eval.pixel_pool)), {}
+
+
+def split_features(features: Features, split: Split, num_examples: Optional[int] = None,
+                   batch_size: int = 1024) -> np.ndarray:
+  """The features of a split's first ``num_examples`` examples (None: all).
+
+  Args:
+    features: ``features(x [M, ...]) -> [M, F]``.
+    split: a loaded split (``features`` of its array's rows), or a source (:class:`lsot_jax.streaming.
+      ImageSource`): read batch by batch (:func:`lsot_jax.streaming.stream_codes`, the last batch padded),
+      so only the features and a few batches are in memory; the same features as of the array.
+    num_examples: how many of the first examples (clipped to N; None or 0: all).
+    batch_size: the stream's batch size (the classifier features' chunk, so their batches are the array's).
+
+  Returns:
+    float32 array [min(num_examples, N), F].
+  """
+  num = int(num_examples or split.num_examples)
+  if not isinstance(split, streaming.ImageSource):
+    return np.asarray(features(split.x[:num]), np.float32)
+  stream = streaming.image_stream(streaming.head(split, num), batch_size, shuffle=False)
+  return streaming.stream_codes(features, stream)
+
+
+def split_examples(split: Split, index: np.ndarray) -> np.ndarray:
+  """The examples at ``index`` [K] of a loaded split, or decoded from a source (only those are read):
+  float32 [K, *example_shape]."""
+  if isinstance(split, streaming.ImageSource):
+    return streaming.gather(split, index)
+  return split.x[np.asarray(index)]
 
 
 def metric_evaluator(names: Sequence[str], real: np.ndarray, train_feats: Optional[np.ndarray] = None, *,

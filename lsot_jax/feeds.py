@@ -15,7 +15,9 @@ Both feeds give the same batches for the same data, seed and batch size, so stre
 in-memory training's parameters, and either may resume the other's checkpoint (a streamed resume of an
 in-memory checkpoint reads the stream up to the checkpoint's step).
 
-:func:`batched_apply` is the other direction: a jitted function applied to an array in fixed-size chunks.
+:func:`batched_apply` is the other direction: a jitted function applied to an array in fixed-size chunks;
+:func:`classification_accuracy` applies a classifier to test arrays or a test stream. :func:`labelled_data`
+checks a classifier's training data (arrays and labels, or a stream with labels).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import numpy as np
 
 from lsot_jax import streaming
 
-__all__ = ["ArrayFeed", "StreamFeed", "batched_apply", "float_array", "make_feed", "training_data",
-           "training_stream"]
+__all__ = ["ArrayFeed", "StreamFeed", "batched_apply", "classification_accuracy", "float_array",
+           "labelled_data", "make_feed", "training_data", "training_stream"]
 
 _LOG = logging.getLogger(__name__)
 Batch = Tuple[np.ndarray, ...]
@@ -56,6 +58,71 @@ def training_data(x: Any, shape: Tuple[int, ...], what: str
                        f"{tuple(shape)}; open the source with the model's image size.")
     return x
   return (float_array(x, shape, what),)
+
+
+def labelled_data(x: Any, labels: Any, shape: Tuple[int, ...], num_classes: int, split: str
+                  ) -> Union[Tuple[np.ndarray, np.ndarray], streaming.ImageStream]:
+  """A classifier's data: ``(float32 array [N, *shape], int32 labels [N])``, or ``x`` itself if it is a stream.
+
+  Args:
+    x: array [N, *shape], or a stream with labels (:class:`lsot_jax.streaming.ImageStream`).
+    labels: int array [N] with values in [0, num_classes); None with a stream (it brings its own).
+    shape: the model's input shape.
+    num_classes: the number of classes.
+    split: ``"train"`` or ``"test"``: error messages name ``x_<split>`` and ``labels_<split>``.
+
+  Raises:
+    ValueError: arrays of the wrong shape, labels of the wrong shape, dtype or range, or a stream without
+      labels (or given labels besides its own).
+  """
+  what, name = f"x_{split}", f"labels_{split}"
+  if isinstance(x, streaming.ImageStream):
+    if labels is not None or not x.has_labels:
+      raise ValueError(f"{what}: a stream must bring its own labels ({name} None), got "
+                       f"{'a stream without labels' if labels is None else f'{name} besides the stream'}.")
+    return training_data(x, shape, what)
+  x = float_array(x, shape, what)
+  lab = np.asarray(labels)
+  if lab.shape != (x.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+    raise ValueError(f"{name} must be an int array of shape [{x.shape[0]}], got {lab.dtype} {lab.shape}.")
+  if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, {num_classes}), got [{lab.min()}, {lab.max()}].")
+  return x, lab.astype(np.int32)
+
+
+def classification_accuracy(predict: Callable[[jax.Array], Any],
+                            data: Union[Tuple[np.ndarray, np.ndarray], streaming.ImageStream],
+                            batch_size: int = 1024) -> float:
+  """The fraction of examples whose predicted class is their label.
+
+  Args:
+    predict: maps images [B, ...] to int classes [B] (jitted by the caller).
+    data: ``(images [N, ...], int labels [N])``, applied in chunks of ``batch_size`` (:func:`batched_apply`),
+      or a fresh one-epoch stream with labels that keeps every example (``streaming.image_stream(source,
+      batch_size, shuffle=False)``), its last batch padded to the stream's batch size (one trace).
+
+  Returns:
+    The accuracy in [0, 1]: the same for arrays and for a stream of them.
+
+  Raises:
+    ValueError: a stream without labels, one not fresh, or one that does not visit each example once.
+  """
+  if not isinstance(data, streaming.ImageStream):
+    x, labels = data
+    return float(np.mean(batched_apply(predict, x, batch_size=batch_size) == labels))
+  spec = data.spec
+  if not data.has_labels or spec["num_epochs"] != 1 or spec["drop_remainder"] or data.position:
+    raise ValueError("classification_accuracy needs a fresh one-epoch stream with labels that keeps every "
+                     f"example: image_stream(source, batch_size, shuffle=False); got {spec} at batch "
+                     f"{data.position}{'' if data.has_labels else ', without labels'}.")
+  bs, correct, count = spec["batch_size"], 0, 0
+  for batch in data:
+    x, k = batch["image"], batch["image"].shape[0]
+    if k < bs:
+      x = np.concatenate([x, np.repeat(x[-1:], bs - k, axis=0)], axis=0)
+    correct += int(np.sum(np.asarray(jax.device_get(predict(x)))[:k] == batch["label"]))
+    count += k
+  return correct / count
 
 
 def training_stream(source: streaming.ImageSource, train_cfg: Any, *, num_threads: Optional[int] = None,

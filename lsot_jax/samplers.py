@@ -1,13 +1,13 @@
 """The generators of the sample stage: a registry from method name to sampler builder.
 
-A builder takes :class:`SamplerInputs` (the config, the OT fit, a fitting key, the training data) and
-returns a :class:`Sampler`: ``draw(key) -> codes [num_samples, d]`` (jitted once), facts for the report,
-and the decoder of the codes (None: the run's autoencoder; the VAE brings its own).
+A builder takes :class:`SamplerInputs` (the config, the OT fit, a fitting key, the training data or its
+source) and returns a :class:`Sampler`: ``draw(key) -> codes [num_samples, d]`` (jitted once), facts for the
+report, and the decoder of the codes (None: the run's autoencoder; the VAE brings its own).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import jax
 import ml_collections
@@ -16,10 +16,12 @@ import numpy as np
 from lsot_jax import artifacts
 from lsot_jax import baselines
 from lsot_jax import config as config_lib
+from lsot_jax import feeds
 from lsot_jax import generate
 from lsot_jax import ott_interop
 from lsot_jax import solver as solver_lib
 from lsot_jax import stage_ot
+from lsot_jax import streaming
 from lsot_jax import tracking
 from lsot_jax import train
 
@@ -45,7 +47,8 @@ class SamplerInputs:
     config: the run's config.
     fit: the OT fit (its problem's y [n, d] are the codes the baselines fit too).
     fit_key: the method's key for fitting (WGAN-GP, Sinkhorn, ott-jax).
-    train_x: the training data [N, ...] (the VAE trains on it).
+    train_data: the training data the VAE trains on: an array [N, ...], or the split as a source
+      (``data.stream``; the VAE then reads :func:`lsot_jax.feeds.training_stream` of it: the array's batches).
     vae_dir: the VAE's checkpoint folder.
     vae_log: the VAE's JSON-lines log.
     tracker: where the trained baselines' losses go (``wgan_gp/...``, ``vae/...``); None writes nothing.
@@ -54,7 +57,7 @@ class SamplerInputs:
   config: ml_collections.ConfigDict
   fit: artifacts.OTFit
   fit_key: jax.Array
-  train_x: np.ndarray
+  train_data: Union[np.ndarray, streaming.ImageSource]
   vae_dir: str
   vae_log: str
   tracker: Optional[tracking.Tracker] = None
@@ -161,10 +164,19 @@ def _ott_semidiscrete(inp: SamplerInputs) -> Sampler:
 def _vae(inp: SamplerInputs) -> Sampler:
   config = inp.config
   kind = config.ae.kind if config.ae.kind != "identity" else "mlp"
-  graphdef, params, _ = train.train_vae(
-      inp.train_x, config_lib.ae_model_config(config, inp.train_x.shape[1:], kind), inp.vae_dir,
-      config_lib.ae_train_config(config, config.sample.vae_epochs), beta=float(config.sample.vae_beta),
-      log_path=inp.vae_log, progress=False, tracker=inp.tracker)
+  train_cfg = config_lib.ae_train_config(config, config.sample.vae_epochs)
+  if isinstance(inp.train_data, streaming.ImageSource):
+    data: Any = feeds.training_stream(inp.train_data, train_cfg)
+    shape = inp.train_data.example_shape
+  else:
+    data, shape = inp.train_data, inp.train_data.shape[1:]
+  try:
+    graphdef, params, _ = train.train_vae(
+        data, config_lib.ae_model_config(config, shape, kind), inp.vae_dir, train_cfg,
+        beta=float(config.sample.vae_beta), log_path=inp.vae_log, progress=False, tracker=inp.tracker)
+  finally:
+    if isinstance(data, streaming.ImageStream):
+      data.close()
   num, dim = int(config.sample.num_samples), int(config.ae.latent_dim)
   return Sampler(lambda key: _NORMAL(key, (num, dim)), {}, artifacts.Autoencoder(graphdef, params))
 

@@ -114,6 +114,16 @@ class Context:
             image_size=d.image_size)
     return self._sources[split]
 
+  def split(self, split: str) -> evaluator.Split:
+    """The ``"train"`` or ``"test"`` split as the stages read it: its :meth:`source` with ``data.stream``
+    (nothing loaded), else the loaded :meth:`dataset`."""
+    return self.source(split) if self.config.data.stream else self.dataset(split)
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    """The shape of one training example, e.g. (H, W, C) or (D,), read without loading a streamed split."""
+    return tuple(self.split("train").example_shape)
+
 
 def open_run(config: ml_collections.ConfigDict, workdir: Any, overwrite: bool, log: Callable[[str], None],
              load_data: bool = True) -> Context:
@@ -199,12 +209,12 @@ def train_ae(ctx: Context) -> tuple[artifacts.Autoencoder, Dict[str, Any]]:
     ctx.log("ae: ae.kind='identity', the codes are the data points; nothing to train.")
     return artifacts.Autoencoder(), {"kind": "identity"}
   train_cfg = config_lib.ae_train_config(cfg)
+  shape = ctx.example_shape
   if cfg.data.stream:
     data: Any = feeds.training_stream(ctx.source("train"), train_cfg)
-    shape = ctx.source("train").example_shape
     ctx.log(f"ae: streaming {data.num_examples} training examples in batches of {data.batch_size}")
   else:
-    data, shape = ctx.dataset("train").x, ctx.dataset("train").example_shape
+    data = ctx.dataset("train").x
   mesh = config_lib.mesh_for(cfg, "ae.num_devices")
   if mesh is not None:
     ctx.log(f"ae: training data-parallel on {mesh.size} devices")
@@ -268,8 +278,9 @@ def _save_grid(ctx: Context, method: str, x: np.ndarray) -> None:
   path = ctx.wd.grid_path(method)
   if ctx.is_points:
     means, _ = data_lib.toy_modes(ctx.config.data.name)
-    report_lib.save_scatter(path, x, means=means, title=config_lib.METHOD_LABELS[method],
-                            reference=ctx.dataset("test").x[:x.shape[0]])
+    test = ctx.split("test")
+    reference = evaluator.split_examples(test, np.arange(min(x.shape[0], test.num_examples)))
+    report_lib.save_scatter(path, x, means=means, title=config_lib.METHOD_LABELS[method], reference=reference)
   else:
     report_lib.save_image_grid(path, x)
 
@@ -278,11 +289,15 @@ def sample(ctx: Context, fit: artifacts.OTFit, ae: artifacts.Autoencoder) -> Dic
   """Draws ``sample.num_seeds`` x ``sample.num_samples`` codes per method (resumes per method); writes
   ``sample/<method>/`` and the grids ``samples/<method>.png``.
 
+  The VAE baseline trains on the training split, with ``data.stream`` on a stream of it (the in-memory
+  batches, its position checkpointed in ``sample/vae_train``).
+
   Returns:
     ``{method: info}``.
   """
   cfg, wd = ctx.config, ctx.wd
   info_all = {}
+  train_data = ctx.source("train") if cfg.data.stream else ctx.dataset("train").x
   for method in cfg.sample.methods:
     if wd.samples_done(method):
       info_all[method] = wd.samples_meta(method)["info"]
@@ -291,7 +306,7 @@ def sample(ctx: Context, fit: artifacts.OTFit, ae: artifacts.Autoencoder) -> Dic
     start = time.perf_counter()
     inputs = samplers.SamplerInputs(
         cfg, fit, config_lib.config_key(cfg, config_lib.SALT_FIT, config_lib.METHODS.index(method)),
-        ctx.dataset("train").x, wd.ckpt_dir("sample", "vae_train"), str(wd.path("sample", "vae_metrics.jsonl")),
+        train_data, wd.ckpt_dir("sample", "vae_train"), str(wd.path("sample", "vae_metrics.jsonl")),
         ctx.tracker)
     sampler = samplers.SAMPLERS[method](inputs)
     draws = np.stack([np.asarray(sampler.draw(config_lib.sample_key(cfg, method, s)), np.float32)
@@ -311,8 +326,7 @@ def vae_template(ctx: Context) -> tuple[Any, Any]:
   """``(graphdef, params)`` of a freshly initialised VAE of the run's architecture (a restore template)."""
   cfg = ctx.config
   kind = cfg.ae.kind if cfg.ae.kind != "identity" else "mlp"
-  return models.init_vae(jax.random.key(0), config_lib.ae_model_config(cfg, ctx.dataset("train").example_shape,
-                                                                       kind))
+  return models.init_vae(jax.random.key(0), config_lib.ae_model_config(cfg, ctx.example_shape, kind))
 
 
 def evaluate(ctx: Context, ae: artifacts.Autoencoder,
@@ -320,18 +334,22 @@ def evaluate(ctx: Context, ae: artifacts.Autoencoder,
   """Decodes each method's draws and computes the metric set per seed (resumes per method); writes
   ``eval/methods/<method>.json`` and, for images with ``memorisation``, ``eval/<method>_nn.png``.
 
+  With ``data.stream`` the splits are read as sources (:meth:`Context.split`): features batch by batch
+  (:func:`lsot_jax.evaluator.split_features`), the classifier trained on a stream, the nearest training
+  examples decoded by index; the same metrics as in memory.
+
   Returns:
     ``{"methods": {method: row}, ...extra}`` (``classifier_test_accuracy`` for classifier features).
   """
   cfg, wd = ctx.config, ctx.wd
   names = tuple(cfg.eval.metrics)
-  test, train_x = ctx.dataset("test"), ctx.dataset("train").x
-  features, extra = evaluator.feature_fn(cfg, ctx.dataset("train"), test, wd.root / "eval" / "classifier",
+  train_split, test = ctx.split("train"), ctx.split("test")
+  features, extra = evaluator.feature_fn(cfg, train_split, test, wd.root / "eval" / "classifier",
                                          tracker=ctx.tracker)
   if "classifier_test_accuracy" in extra:
     ctx.log(f"eval: classifier test accuracy {extra['classifier_test_accuracy']:.4f}")
-  real = features(test.x[:int(cfg.eval.num_real) or test.num_examples])
-  train_feats = features(train_x) if "memorisation" in names else None
+  real = evaluator.split_features(features, test, int(cfg.eval.num_real))
+  train_feats = evaluator.split_features(features, train_split) if "memorisation" in names else None
   means, std = data_lib.toy_modes(cfg.data.name) if ctx.is_points else (None, None)
   evaluate_fn = evaluator.metric_evaluator(names, real, train_feats, means=means, std=std, k=int(cfg.eval.k),
                                            sinkhorn_points=int(cfg.eval.sinkhorn_points),
@@ -352,7 +370,7 @@ def evaluate(ctx: Context, ae: artifacts.Autoencoder,
       if (s == 0 and not ctx.is_points and "memorisation" in names and method in ("exact", "extended")
           and workdir_lib.is_writer()):
         res = metrics_lib.memorisation_rate(fake[:16], train_feats, real[:2])
-        nearest = train_x[np.asarray(res["nearest_index"])]
+        nearest = evaluator.split_examples(train_split, np.asarray(res["nearest_index"]))
         report_lib.save_nn_grid(wd.nn_grid_path(method), fake_x[:16], nearest)
     row = evaluator.seed_average(per_seed)
     workdir_lib.write_json(wd.method_metrics_path(method), row)
@@ -437,10 +455,12 @@ def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
   path.parent.mkdir(parents=True, exist_ok=True)
   if ctx.is_points:
     own = cfg.ae.kind == "identity"
-    labels = ctx.dataset("train").labels
+    labels = evaluator.split_labels(ctx.split("train"))
     colors = labels[res.codes().index] if own and labels is not None else None
     means, _ = data_lib.toy_modes(cfg.data.name)
-    fig = figures.methods_panel(drawn, ctx.dataset("test").x, potential=potential if own else None,
+    test = ctx.split("test")
+    fig = figures.methods_panel(drawn, evaluator.split_examples(test, np.arange(test.num_examples)),
+                                potential=potential if own else None,
                                 labels=config_lib.METHOD_LABELS, means=means, cell_colors=colors, path=path,
                                 angle_threshold=cfg.sample.angle_threshold)
   else:

@@ -15,6 +15,9 @@ through a `grain <https://github.com/google/grain>`_ pipeline instead::
   (:func:`lsot_jax.data.decode_tfds_example`,
   :func:`lsot_jax.data.decode_image_file`), so a stream's values equal the
   in-memory loader's.
+* Random access: :func:`head` (the first examples, as a source),
+  :func:`gather` (a few examples by index) and :func:`source_labels` (the
+  labels alone) read no more than they return.
 * Order: epoch ``e`` visits :func:`epoch_order` ``(seed, e, N)``, the
   permutation :func:`lsot_jax.train.epoch_permutation` uses (or ``0..N-1``
   with ``shuffle=False``), cut into batches per epoch (a batch never spans
@@ -56,8 +59,11 @@ __all__ = [
     "array_source",
     "epoch_order",
     "folder_source",
+    "gather",
+    "head",
     "image_source",
     "image_stream",
+    "source_labels",
     "stream_codes",
 ]
 
@@ -135,6 +141,11 @@ class _ArrayRecords:
 
   def __len__(self) -> int:
     return int(self._x.shape[0])
+
+  @property
+  def labels(self) -> np.ndarray | None:
+    """The labels [N], or None."""
+    return self._labels
 
   def __getitem__(self, index: int):
     label = None if self._labels is None else int(self._labels[index])
@@ -269,6 +280,75 @@ def image_source(name: str, split: str, *,
                              num_examples=num_examples, seed=seed,
                              image_size=image_size)
   return array_source(ds.x, ds.labels, name=name)
+
+
+def head(source: ImageSource, num_examples: int) -> ImageSource:
+  """The first ``num_examples`` examples of a source (all of them when it has
+  fewer), as a source: nothing is read.
+
+  Args:
+    source: the :class:`ImageSource`.
+    num_examples: how many to keep, a positive integer.
+
+  Returns:
+    The :class:`ImageSource` over records ``0..min(num_examples, N) - 1``.
+  """
+  num_examples = _check_positive(num_examples, "num_examples",
+                                 allow_none=False)
+  return dataclasses.replace(source,
+                             records=_Prefix(source.records, num_examples))
+
+
+def gather(source: ImageSource, indices: Sequence[int]) -> np.ndarray:
+  """Decodes the examples at ``indices`` (random access: only those are
+  read), e.g. a few training images to show.
+
+  Args:
+    source: the :class:`ImageSource`.
+    indices: int positions in the split, shape [K].
+
+  Returns:
+    float32 array of shape [K, *example_shape], row ``k`` example
+    ``indices[k]``.
+
+  Raises:
+    IndexError: an index outside ``[0, N)``.
+  """
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  n = source.num_examples
+  if indices.size and (indices.min() < 0 or indices.max() >= n):
+    raise IndexError(f"indices must lie in [0, {n}), got [{indices.min()}, "
+                     f"{indices.max()}].")
+  decode = _DecodeExample(source)
+  rows = [decode((int(i), source.records[int(i)]))["image"] for i in indices]
+  return np.stack(rows) if rows else np.zeros(
+      (0,) + source.example_shape, np.float32)
+
+
+def source_labels(source: ImageSource, batch_size: int = 1024,
+                  num_threads: int | None = None) -> np.ndarray | None:
+  """The labels of every example of a source, in dataset order.
+
+  An :func:`array_source` hands its labels back; other sources are read once
+  (one unshuffled epoch, images decoded and dropped batch by batch).
+
+  Args:
+    source: the :class:`ImageSource`.
+    batch_size: examples per batch of that epoch.
+    num_threads: as :func:`image_stream`.
+
+  Returns:
+    int32 array of shape [N], or None when the source has no labels.
+  """
+  if not source.has_labels:
+    return None
+  if isinstance(source.records, _ArrayRecords):
+    return np.asarray(source.records.labels, np.int32)
+  labels = np.empty((source.num_examples,), np.int32)
+  for batch in image_stream(source, batch_size, shuffle=False,
+                            num_threads=num_threads):
+    labels[batch["index"]] = batch["label"]
+  return labels
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:

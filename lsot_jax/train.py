@@ -9,7 +9,7 @@ All three loops share one engine with these properties:
   .permutation(N)`` in batches of ``batch_size`` (the last partial batch is dropped so shapes stay static).
   The stream position is therefore the step count; it is saved with the state (and checked on resume), so a
   resumed run continues the same stream and reaches the same parameters as an uninterrupted one.
-* :func:`train_autoencoder` and :func:`train_vae` take the data as an array or as an
+* :func:`train_autoencoder`, :func:`train_vae` and :func:`train_classifier` take the data as arrays or as an
   :class:`lsot_jax.streaming.ImageStream` of the same order (:func:`lsot_jax.feeds.training_stream`:
   bounded host memory); the stream's ``get_state()`` goes into each checkpoint's JSON metadata and a resume
   restores it, and the batches, hence the parameters, are those of the in-memory loop (:mod:`lsot_jax.feeds`).
@@ -253,13 +253,14 @@ def _fit(stage: str, params: models.Params, loss_fn: Callable[..., Tuple[jax.Arr
          data: Union[Sequence[np.ndarray], streaming.ImageStream], ckpt_dir: str, cfg: TrainConfig,
          log_path: Optional[str], progress: bool, info: Dict[str, Any],
          mesh: Optional[jax.sharding.Mesh] = None, axis_name: Optional[str] = None,
-         tracker: Optional[tracking.Tracker] = None) -> Tuple[models.Params, History, Dict[str, Any]]:
+         tracker: Optional[tracking.Tracker] = None, keys: Sequence[str] = ("image",)
+         ) -> Tuple[models.Params, History, Dict[str, Any]]:
   """Runs (or resumes, or skips) one training stage. ``loss_fn(params, batch_tuple, key) -> (loss, aux)``.
 
-  ``data``: arrays, or a fresh stream whose position is checkpointed (:mod:`lsot_jax.feeds`). With ``mesh``,
-  the state is replicated over ``axis_name`` and each batch split along it (module docstring).
+  ``data``: arrays, or a fresh stream whose position is checkpointed (:mod:`lsot_jax.feeds`; a step takes its
+  batches' ``keys``). With ``mesh``, the state is replicated over ``axis_name`` and each batch split along it.
   """
-  feed = feeds.make_feed(stage, data, cfg)
+  feed = feeds.make_feed(stage, data, cfg, keys)
   n, bs = feed.num_examples, feed.batch_size
   place_state: Callable[[Any], Any] = lambda tree: tree
   place_batch: Callable[[Any], Any] = lambda batch: batch
@@ -638,8 +639,9 @@ def train_vae(x_train: Union[np.ndarray, streaming.ImageStream], model_cfg: mode
   return graphdef, params, history
 
 
-def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.ndarray,
-                     labels_test: np.ndarray, model_cfg: models.ClassifierConfig, ckpt_dir: str,
+def train_classifier(x_train: Union[np.ndarray, streaming.ImageStream], labels_train: Optional[np.ndarray],
+                     x_test: Union[np.ndarray, streaming.ImageStream], labels_test: Optional[np.ndarray],
+                     model_cfg: models.ClassifierConfig, ckpt_dir: str,
                      train_cfg: Optional[TrainConfig] = None, *, log_path: Optional[str] = None,
                      progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
                      axis_name: Optional[str] = None, tracker: Optional[tracking.Tracker] = None,
@@ -647,10 +649,12 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
   """Trains (or resumes, or skips) the evaluation classifier and reports its test accuracy.
 
   Args:
-    x_train: array of shape [N, *model_cfg.input_shape].
-    labels_train: int array of shape [N], values in [0, num_classes).
-    x_test: array of shape [M, *model_cfg.input_shape].
-    labels_test: int array of shape [M].
+    x_train: array of shape [N, *model_cfg.input_shape], or a fresh stream with labels (as
+      :func:`train_autoencoder`; the same parameters as its arrays).
+    labels_train: int array of shape [N], values in [0, num_classes); None with a stream.
+    x_test: array of shape [M, *model_cfg.input_shape], or a fresh one-epoch stream with labels
+      (:func:`lsot_jax.feeds.classification_accuracy`).
+    labels_test: int array of shape [M]; None with a stream.
     model_cfg: the architecture.
     ckpt_dir: checkpoint directory of this stage.
     train_cfg: hyperparameters; defaults to ``TrainConfig()``.
@@ -674,15 +678,9 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
     ValueError: on bad inputs, or a batch size not divisible by the mesh axis size.
   """
   cfg = _resolve_config(train_cfg, overrides)
-  x = feeds.float_array(x_train, model_cfg.input_shape, "x_train")
-  xt = feeds.float_array(x_test, model_cfg.input_shape, "x_test")
-  y, yt = np.asarray(labels_train), np.asarray(labels_test)
-  for name, lab, data in (("labels_train", y, x), ("labels_test", yt, xt)):
-    if lab.shape != (data.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
-      raise ValueError(f"{name} must be an int array of shape [{data.shape[0]}], got {lab.dtype} {lab.shape}.")
-    if lab.size and (lab.min() < 0 or lab.max() >= model_cfg.num_classes):
-      raise ValueError(f"{name} must lie in [0, {model_cfg.num_classes}), got [{lab.min()}, {lab.max()}].")
-  y, yt = y.astype(np.int32), yt.astype(np.int32)
+  shape, num_classes = model_cfg.input_shape, model_cfg.num_classes
+  data = feeds.labelled_data(x_train, labels_train, shape, num_classes, "train")
+  test = feeds.labelled_data(x_test, labels_test, shape, num_classes, "test")
   graphdef, params = models.init_classifier(jax.random.fold_in(jax.random.key(cfg.seed), 0), model_cfg)
 
   def loss_fn(p, batch, key):
@@ -690,11 +688,10 @@ def train_classifier(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.n
     return models.classifier_loss(graphdef, p, batch[0], batch[1])
 
   info = {"model": "classifier", "model_config": dataclasses.asdict(model_cfg)}
-  params, _, meta = _fit("classifier", params, loss_fn, (x, y), ckpt_dir, cfg, log_path, progress, info,
-                         mesh, axis_name, tracker)
+  params, _, meta = _fit("classifier", params, loss_fn, data, ckpt_dir, cfg, log_path, progress, info,
+                         mesh, axis_name, tracker, keys=("image", "label"))
   predict = jax.jit(lambda xb: jnp.argmax(models.classifier_logits(graphdef, params, xb), axis=-1))
-  predictions = batched_apply(predict, xt, batch_size=1024)
-  accuracy = float(np.mean(predictions == yt))
+  accuracy = feeds.classification_accuracy(predict, test, batch_size=1024)
   if tracker is not None:
     tracker.scalars(int(meta["step"]), {"test_accuracy": accuracy}, "classifier")
   return graphdef, params, accuracy

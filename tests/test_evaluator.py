@@ -1,10 +1,15 @@
-"""lsot_jax.evaluator: the metric set (against the metric functions called one by one), features, averages."""
+"""lsot_jax.evaluator: the metric set (against the metric functions called one by one), features, averages,
+and reading a split loaded or streamed (the same features and classifier)."""
 import jax
+import mock_tfds
 import numpy as np
 import pytest
 
+from lsot_jax import config as config_lib
+from lsot_jax import data
 from lsot_jax import evaluator
 from lsot_jax import metrics
+from lsot_jax import streaming
 
 
 def _ring(np_rng, num, means):
@@ -62,3 +67,30 @@ def test_seed_average_mean_and_standard_error():
   assert row["a"] == pytest.approx(3.0) and row["num_seeds"] == 3
   assert row["a_se"] == pytest.approx(np.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) / np.sqrt(3))
   assert evaluator.seed_average([{"a": 1.0}]) == {"a": 1.0, "num_seeds": 1}
+
+
+def test_a_streamed_split_gives_the_loaded_splits_features_and_classifier(tmp_path):
+  # Mock Fashion-MNIST read by load_dataset and as tfds.data_source sources: the classifier (trained on a
+  # stream, tested over one; its labels read by a pass over the source) has the same accuracy and features,
+  # and the features (in the array's batches: equal; in batches of 128, the last one padded: to float
+  # rounding), examples and labels of a split are the loaded split's.
+  config = config_lib.default_config()
+  config.data.name, config.eval.classifier_epochs, config.eval.classifier_batch_size = "fashion_mnist", 1, 64
+  with mock_tfds.mock_data(num_examples=300):
+    loaded = {s: data.load_dataset("fashion_mnist", s) for s in ("train", "test")}
+    sources = {s: streaming.image_source("fashion_mnist", s) for s in ("train", "test")}
+    memory, accuracy = evaluator.classifier_features(config, loaded["train"], loaded["test"], tmp_path / "m")
+    streamed, streamed_accuracy = evaluator.classifier_features(config, sources["train"], sources["test"],
+                                                                tmp_path / "s")
+    assert streamed_accuracy == accuracy
+    pixels = evaluator.pixel_features(4)
+    for features_of_memory, features_of_stream in ((memory, streamed), (pixels, pixels)):
+      for split, num in (("test", 120), ("train", None)):
+        want = evaluator.split_features(features_of_memory, loaded[split], num)
+        assert want.shape[0] == (num or 300)
+        np.testing.assert_array_equal(evaluator.split_features(features_of_stream, sources[split], num), want)
+        np.testing.assert_allclose(evaluator.split_features(features_of_stream, sources[split], num, 128), want,
+                                   rtol=1e-5, atol=1e-6)
+    index = np.array([299, 0, 17])
+    np.testing.assert_array_equal(evaluator.split_examples(sources["train"], index), loaded["train"].x[index])
+    np.testing.assert_array_equal(evaluator.split_labels(sources["train"]), loaded["train"].labels)

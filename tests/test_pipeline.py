@@ -1,7 +1,6 @@
 """The pipeline in-process: stages, skipping, config fingerprint, bad input, OT divergence, report helpers,
 scans; and the sharded OT stage on 4 forced CPU devices (one subprocess, see ``_sharded_child``)."""
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -17,10 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
-from lsot_jax import checkpoint as checkpoint_lib
 from lsot_jax import config as config_lib
 from lsot_jax import data as data_lib
 from lsot_jax import models
@@ -926,64 +923,3 @@ def test_data_parallel_autoencoder_equals_one_device(sharded):
     assert ae["4"][name] == pytest.approx(ae["1"][name], rel=1e-5), name
   message, created = ae["bad_batch"]
   assert "ae.batch_size=66 must be a multiple of the 4 devices" in message and not created
-
-
-class _BoundGetitemsMock(tfds.testing.PickableDataSourceMock):
-  """Binds the mock's ``__getitems__`` partial to the mock (tfds 4.9.10 bug)."""
-
-  def __setattr__(self, name, value):
-    if name == "__getitems__" and isinstance(value, functools.partial):
-      value = functools.partial(value, self)
-    super().__setattr__(name, value)
-
-
-def _numbers(tree, prefix=""):
-  """The numbers of a metrics.json tree as ``{dotted: value}`` (stage seconds and the setting left out)."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if k == "setting" or "seconds" in k or "per_sec" in k:
-      continue
-    if isinstance(v, dict):
-      out.update(_numbers(v, name + "."))
-    elif isinstance(v, (int, float)) and not isinstance(v, bool):
-      out[name] = v
-  return out
-
-
-@pytest.mark.slow  # 33 s; test_train's streamed training and test_streaming's stream_codes are the fast ones
-def test_streamed_ae_and_encode_stages_give_the_in_memory_results(tmp_path, monkeypatch):
-  """A tiny Fashion-MNIST run on tfds.testing.mock_data, with data.stream off and on: the same codes (bit for
-  bit: same batches, same encoder batch size), the same metrics.json numbers, the same stage keys, and the
-  streamed AE checkpoint holds the stream's position. (The report's figure, which reads no data, is not
-  drawn: it is a quarter of the test's time.)"""
-  monkeypatch.setattr(pipeline.stages, "draw_figures", lambda ctx, res: None)
-  c = config_lib.default_config()
-  c.data.name, c.data.num_train, c.data.num_test = "fashion_mnist", 0, 0
-  c.ae.kind, c.ae.latent_dim, c.ae.widths = "mlp", 4, (32,)
-  c.ae.epochs, c.ae.batch_size, c.ae.checkpoint_every = 2, 32, 5
-  c.ot.num_iterations, c.ot.batch_size, c.ot.max_batch_size, c.ot.checkpoint_every = 10, 1024, 1024, 10
-  c.ot.marginal_samples = 4096
-  c.sample.methods, c.sample.num_samples, c.sample.num_seeds = ("exact", "gaussian"), 64, 1
-  c.sample.grid_size = 16
-  c.eval.metrics, c.eval.feature_space, c.eval.pixel_pool = ("frechet", "sliced_wasserstein"), "pixels", 4
-  c.log.progress, c.log.tensorboard = False, False
-  streamed = config_lib.config_from_dict(config_lib.as_plain(c))
-  streamed.data.stream = True
-  assert config_lib.stage_keys(streamed) == config_lib.stage_keys(c)
-  with tfds.testing.mock_data(num_examples=96, policy=tfds.testing.MockPolicy.USE_CODE,
-                              mock_array_record_data_source=_BoundGetitemsMock()):
-    in_memory = pipeline.run(c, tmp_path / "memory", log=_quiet([]))
-    lines = []
-    out = pipeline.run(streamed, tmp_path / "stream", log=lines.append)
-  assert "ae: streaming 96 training examples in batches of 32" in lines
-  codes = [pipeline.load_encoded_codes(tmp_path / name) for name in ("memory", "stream")]
-  np.testing.assert_array_equal(codes[1], codes[0])
-  want, got = _numbers(in_memory), _numbers(out)
-  assert set(got) == set(want) and "methods.exact.frechet" in got and "ae.test_mse" in got, sorted(got)
-  for name, value in want.items():
-    assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
-  with checkpoint_lib.StageCheckpointer(tmp_path / "stream" / "ae" / "ckpt") as ckpt:
-    meta = ckpt.meta(ckpt.latest_step())
-  assert meta["stream"]["position"] == ckpt.latest_step() == 2 * (96 // 32)
-  assert meta["stream"]["spec"]["source"] == "fashion_mnist"

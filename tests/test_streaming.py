@@ -13,6 +13,7 @@ import json
 import grain
 import jax
 import jax.numpy as jnp
+import mock_tfds
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -172,6 +173,35 @@ def test_stream_codes_in_dataset_order(digits):
   with pytest.raises(ValueError, match="drop_remainder=False"):
     streaming.stream_codes(encode_jit, streaming.image_stream(
         source, 256, drop_remainder=True))
+
+
+def test_head_gather_and_labels_read_only_what_they_return(digits):
+  source = streaming.array_source(digits.x, digits.labels)
+  first = streaming.head(source, 100)
+  assert first.num_examples == 100
+  assert streaming.head(source, 10**6).num_examples == 1500
+  out = _read(streaming.image_stream(first, 32, shuffle=False))
+  np.testing.assert_array_equal(out["image"], digits.x[:100])
+  index = np.array([1499, 3, 3, 700])
+  np.testing.assert_array_equal(streaming.gather(source, index),
+                                digits.x[index])
+  assert streaming.gather(source, []).shape == (0, 8, 8, 1)
+  with pytest.raises(IndexError, match=r"\[0, 100\)"):
+    streaming.gather(first, [100])
+  with pytest.raises(IndexError):
+    streaming.gather(source, [-1])
+  np.testing.assert_array_equal(streaming.source_labels(source),
+                                digits.labels)
+  assert streaming.source_labels(streaming.array_source(digits.x)) is None
+  # A source not held in memory is read once for its labels, in order.
+  records = [(digits.x[i], int(digits.labels[i])) for i in range(300)]
+  listed = streaming.ImageSource(records, source.decode, (8, 8, 1), True,
+                                 "listed")
+  labels = streaming.source_labels(listed, batch_size=64, num_threads=2)
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(labels, digits.labels[:300])
+  np.testing.assert_array_equal(
+      streaming.source_labels(streaming.head(listed, 70)), digits.labels[:70])
 
 
 def test_bad_arguments(digits):
@@ -352,19 +382,8 @@ def test_tfds_array_record_stream(tiny_tfds_dir):
       train.epoch_permutation(9, 1, 23)[4:8]])
 
 
-class _BoundGetitemsMock(tfds.testing.PickableDataSourceMock):
-  """Binds the mock's ``__getitems__`` partial to the mock (tfds 4.9.10 bug)."""
-
-  def __setattr__(self, name, value):
-    if name == "__getitems__" and isinstance(value, functools.partial):
-      value = functools.partial(value, self)
-    super().__setattr__(name, value)
-
-
 def test_tfds_mock_stream_equals_load_dataset():
-  with tfds.testing.mock_data(
-      num_examples=11, policy=tfds.testing.MockPolicy.USE_CODE,
-      mock_array_record_data_source=_BoundGetitemsMock()):
+  with mock_tfds.mock_data(num_examples=11):
     for name, kwargs in (("fashion_mnist", {}), ("celeb_a", {}),
                          ("cifar10", {"image_size": 16, "num_examples": 6})):
       ref = data.load_dataset(name, "train", **kwargs)

@@ -205,6 +205,29 @@ def test_classifier_reaches_90_percent_on_digits(digits, tmp_path):
     train.train_classifier(x, y + 1, x_test, y_test, cfg, str(tmp_path / "bad"), progress=False)
 
 
+def test_streamed_classifier_equals_in_memory(digits, tmp_path):
+  # Streams of the training split (labels in the batches) and of the test split give the in-memory
+  # classifier's parameters bit for bit and its test accuracy.
+  x, y, x_test, y_test = digits
+  x, y = x[:320], y[:320].astype(np.int32)
+  model = models.ClassifierConfig(kind="mlp", input_shape=(8, 8, 1), num_classes=10, widths=(32,), feature_dim=16)
+  cfg = train.TrainConfig(seed=2, epochs=2, batch_size=64, learning_rate=2e-3)
+  _, memory, accuracy = train.train_classifier(x, y, x_test, y_test, model, str(tmp_path / "memory"), cfg,
+                                               progress=False)
+  stream = feeds.training_stream(streaming.array_source(x, y), cfg, num_threads=2)
+  test = streaming.image_stream(streaming.array_source(x_test, y_test.astype(np.int32)), 1024, shuffle=False)
+  _, streamed, streamed_accuracy = train.train_classifier(stream, None, test, None, model,
+                                                          str(tmp_path / "stream"), cfg, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, streamed, memory)
+  assert streamed_accuracy == accuracy and 0.1 < accuracy < 1.0
+  unlabelled = feeds.training_stream(streaming.array_source(x), cfg)
+  with pytest.raises(ValueError, match="x_train: a stream must bring its own labels"):
+    train.train_classifier(unlabelled, None, x_test, y_test, model, str(tmp_path / "bad"), cfg, progress=False)
+  with pytest.raises(ValueError, match="fresh one-epoch stream with labels"):
+    feeds.classification_accuracy(lambda b: b[:, 0, 0, 0], streaming.image_stream(
+        streaming.array_source(x_test, y_test.astype(np.int32)), 100, drop_remainder=True))
+
+
 def _raw_state(ckpt_dir):
   """The raw tree (nested dicts, read by Orbax without a target) of the newest step in ckpt_dir, and its meta."""
   with StageCheckpointer(ckpt_dir) as ckpt:
