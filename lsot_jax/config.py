@@ -200,6 +200,8 @@ def default_config() -> ml_collections.ConfigDict:
     sample.grid_size: samples shown in each grid.
     sample.angle_threshold: dihedral-angle threshold (radians) of ``extended``; None:
       :func:`lsot_jax.generate.default_angle_threshold` (read off the codes, so it follows the latent scale).
+    sample.blend_scale: ``extended``'s blend radius is this times the median distance of source samples to
+      their cell's nearest facet (:func:`lsot_jax.generate.default_blend_radius`; 2: about half a cell).
     sample.soft_temperature: temperature of ``soft`` in score units; None: ``soft_relative`` times the
       median gap between the best and second-best cell scores of source samples.
     sample.gmm_components / sinkhorn_max_codes / wgan_steps / wgan_batch_size / wgan_learning_rate /
@@ -268,6 +270,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_seeds=10,
       grid_size=64,
       angle_threshold=config_dict.placeholder(float),
+      blend_scale=2.0,
       soft_temperature=config_dict.placeholder(float),
       soft_relative=1.0,
       gmm_components=10,
@@ -375,6 +378,7 @@ class SampleSettings:
   num_seeds: int
   grid_size: int
   angle_threshold: Optional[float]
+  blend_scale: float
   soft_temperature: Optional[float]
   soft_relative: float
   gmm_components: int
@@ -399,7 +403,7 @@ class SampleSettings:
         raise ValueError(f"{name} must be >= 1")
     if self.soft_temperature is not None and not self.soft_temperature > 0:
       raise ValueError("soft_temperature must be positive (or None for the default)")
-    for name in ("wgan_learning_rate", "soft_relative"):
+    for name in ("wgan_learning_rate", "soft_relative", "blend_scale"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name} must be positive")
 

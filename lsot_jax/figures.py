@@ -440,6 +440,7 @@ def lsot_samplers(
     angle_threshold: Optional[float] = None,
     radius: Optional[float] = None,
     probe=None,
+    blend_scale: float = generate.DEFAULT_BLEND_SCALE,
 ) -> Dict[str, Callable[[jax.Array], jax.Array]]:
   """The ``exact`` and ``extended`` maps of a potential, as :mod:`lsot_jax.generate` defines them.
 
@@ -450,6 +451,7 @@ def lsot_samplers(
       ``pipeline.lsot_generate_kwargs(config, "extended", ...)``, to match a configured one).
     radius: ``extended``'s blend radius; None: :func:`lsot_jax.generate.default_blend_radius` on ``probe``.
     probe: array [P, d] of source samples, needed when ``radius`` is None (the sample stage draws 2,048).
+    blend_scale: the ``scale`` of that estimate (the run's ``sample.blend_scale``).
 
   Returns:
     ``{"exact": f, "extended": f}``, each jitted ``f(x [T, d]) -> codes [T, d]``.
@@ -460,7 +462,7 @@ def lsot_samplers(
   if radius is None:
     if probe is None:
       raise ValueError("lsot_samplers: pass radius= or probe= (source samples to estimate the blend radius).")
-    radius = float(_default_blend_radius(jnp.asarray(probe, jnp.float32), y, h))
+    radius = float(_default_blend_radius(jnp.asarray(probe, jnp.float32), y, h, scale=blend_scale))
   thr, rad = float(angle_threshold), float(radius)
   return {
       "exact": jax.jit(lambda x: generate.exact(x, y, h)),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from lsot_jax import kernels
 
 __all__ = [
+    "DEFAULT_BLEND_SCALE",
     "MODES",
     "default_angle_threshold",
     "default_blend_radius",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 MODES = ("exact", "extended", "soft")
+# Default multiple of the median facet distance that makes the blend radius of `extended`: half a typical cell.
+DEFAULT_BLEND_SCALE = 2.0
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Number of source samples drawn by `generate` to estimate the default blend radius.
@@ -266,7 +269,7 @@ def default_blend_radius(
     y: jax.Array,
     h: jax.Array,
     *,
-    scale: float = 2.0,
+    scale: float = DEFAULT_BLEND_SCALE,
     chunk_size: int = 1024,
     tile_size: int = 4096,
 ) -> jax.Array:
@@ -513,7 +516,9 @@ def generate(
     num: number of samples (static).
     **kwargs: keyword arguments of the mode's function. For "extended", ``angle_threshold`` defaults to
       :func:`default_angle_threshold` (y) and ``radius`` to :func:`default_blend_radius` on a separate probe
-      batch of 2048 source samples drawn from ``fold_in(key, salt)``; "soft" needs ``temperature``.
+      batch of 2048 source samples drawn from ``fold_in(key, salt)``, with that function's ``scale`` set by
+      the extra keyword ``blend_scale`` (default 2.0; ignored when ``radius`` is given); "soft" needs
+      ``temperature``.
 
   Returns:
     Array of shape [num, d].
@@ -529,12 +534,13 @@ def generate(
   if mode == "soft":
     return soft(z, y, h, **kwargs)
   kwargs = dict(kwargs)
+  blend_scale = kwargs.pop("blend_scale", DEFAULT_BLEND_SCALE)
   if kwargs.get("angle_threshold") is None:
     kwargs["angle_threshold"] = default_angle_threshold(y)
   if kwargs.get("radius") is None:
     probe = sample(jax.random.fold_in(key, _RADIUS_PROBE_SALT), _NUM_RADIUS_PROBE)
     kwargs["radius"] = default_blend_radius(
-        probe, y, h,
+        probe, y, h, scale=blend_scale,
         chunk_size=kwargs.get("chunk_size", 1024),
         tile_size=kwargs.get("tile_size", 4096),
     )

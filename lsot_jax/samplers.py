@@ -83,15 +83,16 @@ def lsot_generate_kwargs(config: ml_collections.ConfigDict, method: str,
   """The keyword arguments of :func:`lsot_jax.generate.generate` the sample stage uses for an LSOT method.
 
   Args:
-    config: the run's config (``sample.angle_threshold``, ``sample.soft_temperature``, ``sample.soft_relative``
+    config: the run's config (``sample.angle_threshold``, ``sample.blend_scale``, ``sample.soft_temperature``, ``sample.soft_relative``
       and ``seed``).
     method: one of :data:`lsot_jax.config.LSOT_METHODS`.
     potential: the fitted potential (y [n, d], h [n]).
     source: the source measure of the fit (``.sample(key, num) -> [num, d]``).
 
   Returns:
-    ``{}`` for ``exact``, ``{"angle_threshold": radians}`` for ``extended`` (``sample.angle_threshold`` or
-    :func:`lsot_jax.generate.default_angle_threshold` of the codes) and ``{"temperature": t}`` for ``soft``
+    ``{}`` for ``exact``, ``{"angle_threshold": radians, "blend_scale": s}`` for ``extended``
+    (``sample.angle_threshold`` or :func:`lsot_jax.generate.default_angle_threshold` of the codes, and
+    ``sample.blend_scale``) and ``{"temperature": t}`` for ``soft``
     (``sample.soft_temperature``, or ``soft_relative`` times the score gap of 2048 seeded source samples).
   """
   sm = config.sample
@@ -99,7 +100,8 @@ def lsot_generate_kwargs(config: ml_collections.ConfigDict, method: str,
     return {}
   if method == "extended":
     return {"angle_threshold": (float(sm.angle_threshold) if sm.angle_threshold is not None
-                                else float(generate.default_angle_threshold(potential.y)))}
+                                else float(generate.default_angle_threshold(potential.y))),
+            "blend_scale": float(sm.blend_scale)}
   if method == "soft":
     if sm.soft_temperature is not None:
       return {"temperature": float(sm.soft_temperature)}

@@ -465,8 +465,8 @@ def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
                                 angle_threshold=cfg.sample.angle_threshold)
   else:
     key = config_lib.config_key(cfg, config_lib.SALT_FIGURE)
-    threshold = samplers.lsot_generate_kwargs(cfg, "extended", potential, source)["angle_threshold"]
-    maps = figures.lsot_samplers(potential, angle_threshold=threshold,
+    ext = samplers.lsot_generate_kwargs(cfg, "extended", potential, source)
+    maps = figures.lsot_samplers(potential, angle_threshold=ext["angle_threshold"], blend_scale=ext["blend_scale"],
                                  probe=source.sample(jax.random.fold_in(key, 0), 2048))
     ends = np.asarray(source.sample(jax.random.fold_in(key, 1), 2))
     fig = figures.interpolation_strip(ae.decode, ends[0], ends[1], maps, steps=10, path=path,
