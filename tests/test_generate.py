@@ -360,3 +360,24 @@ def test_generate_jit_and_vmap_over_keys(two_clusters, mode, kwargs):
     # A plain callable sampler works too and gives the same draws.
     plain = jax.jit(lambda key: gen.generate(mode, key, sampler.sample, y, h, 50))(keys[0])
     np.testing.assert_allclose(np.asarray(plain), batched[0], atol=1e-5)
+
+
+def test_generate_blend_scale_sets_the_default_radius(two_clusters):
+  """``blend_scale`` is the ``scale`` of the probe's default_blend_radius; a smaller one blends less."""
+  y, h, _ = two_clusters
+  y, h = jnp.asarray(y), jnp.asarray(h)
+  sampler, key = _Gaussian(2), jax.random.key(5)
+  z = sampler.sample(key, 400)
+  probe = sampler.sample(jax.random.fold_in(key, gen._RADIUS_PROBE_SALT), 2048)  # pylint: disable=protected-access
+  thr = gen.default_angle_threshold(y)
+  outs = {}
+  for scale in (1.0, 2.0):
+    radius = gen.default_blend_radius(probe, y, h, scale=scale)
+    expected = np.asarray(gen.extended(z, y, h, angle_threshold=thr, radius=radius))
+    outs[scale] = np.asarray(gen.generate("extended", key, sampler, y, h, 400, blend_scale=scale))
+    np.testing.assert_allclose(outs[scale], expected, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gen.generate("extended", key, sampler, y, h, 400)), outs[2.0], atol=1e-6)
+  codes = np.asarray(y)
+  def novel(out):
+    return np.mean(np.min(np.linalg.norm(out[:, None] - codes[None], axis=-1), axis=1) > 1e-4)
+  assert novel(outs[1.0]) < novel(outs[2.0])

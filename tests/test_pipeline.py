@@ -84,6 +84,7 @@ def test_config_diff_names_every_changed_field():
     ("ot__source", "laplace", r"ot.source"),
     ("ae__lr_schedule", "linear", r"ae.lr_schedule.*'constant', 'cosine'"),
     ("sample__wgan_learning_rate", 0.0, r"sample.wgan_learning_rate.*positive"),
+    ("sample__blend_scale", 0.0, r"sample.blend_scale.*positive"),
     ("ot__max_batch_size", 1024, r"ot.max_batch_size"),
     ("log__progress_every", -1, r"log.progress_every=-1: must be an integer >= 0"),
     ("log__progress_seconds", -1.0, r"log.progress_seconds=-1.0: must be >= 0"),
