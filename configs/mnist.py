@@ -10,8 +10,8 @@ images in the feature space of a small CNN classifier trained on MNIST in the sa
 
 Why this autoencoder: the reconstructions bound every AE-based method. ``python
 benchmarks/mnist_references.py --workdir runs/mnist`` measures 10,000 training reconstructions against the
-test set (classifier features, k = 5): precision 0.949, recall 0.927, Frechet 1.39 (real training images:
-0.935, 0.948, 0.94). The previous default, 6 epochs at batch 128, reached 0.920 (MSE 0.0048; the script on
+test set (classifier features, k = 5): precision 0.953, recall 0.929, Frechet 1.50 (real training images:
+0.935, 0.948, 0.94; benchmarks/results/mnist_references.md). The previous default, 6 epochs at batch 128, reached 0.920 (MSE 0.0048; the script on
 its full run), and ``extended`` recall 0.893. One-field variants (``launch.py --stage ae`` with the field
 overridden, reconstructions scored the script's way -- same 10,000 images, same classifier, k = 5 -- by a
 throwaway script, so not reproducible by a project command as is): 10 epochs at batch 128 0.924; 6 epochs at
@@ -37,12 +37,12 @@ in 6.3 minutes wall (WGAN-GP 180 s, VAE 142 s, their evaluation 44 s).
 Expected metrics (mean over 3 sampling seeds, Frechet distance ± its standard error; classifier test accuracy
 0.986, AE held-out MSE 0.0038, OT L1 marginal error 0.487 against a Monte-Carlo noise floor of 0.382, unbiased
 bound 0.379), after ``make run`` and ``make baselines``, as ``python benchmarks/publish_run.py --workdir
-runs/mnist --name mnist --config mnist --update_docs`` wrote them in docs/results/mnist/table.md:
+runs/mnist --name mnist --config mnist:full --update_docs`` wrote them in docs/results/mnist/table.md:
 
   | method | Frechet distance | precision | recall | density | coverage | memorisation |
   |---|---|---|---|---|---|---|
   | LSOT exact | 2.31 ± 0.114 | 0.954 | 0.914 | 1.036 | 0.947 | 0.994 |
-  | LSOT extended | 3.584 ± 0.217 | 0.940 | 0.898 | 1.045 | 0.947 | 0.744 |
+  | LSOT extended | 2.611 ± 0.174 | 0.945 | 0.914 | 1.035 | 0.949 | 0.845 |
   | LSOT soft | 4.17 ± 0.145 | 0.950 | 0.880 | 1.15 | 0.949 | 0.804 |
   | AE + Gaussian | 68.27 ± 0.370 | 0.748 | 0.692 | 0.397 | 0.237 | 0.018 |
   | AE + GMM | 12.56 ± 0.056 | 0.869 | 0.820 | 0.694 | 0.756 | 0.317 |
