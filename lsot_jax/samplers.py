@@ -83,8 +83,8 @@ def lsot_generate_kwargs(config: ml_collections.ConfigDict, method: str,
   """The keyword arguments of :func:`lsot_jax.generate.generate` the sample stage uses for an LSOT method.
 
   Args:
-    config: the run's config (``sample.angle_threshold``, ``sample.blend_scale``, ``sample.soft_temperature``, ``sample.soft_relative``
-      and ``seed``).
+    config: the run's config (``sample.angle_threshold``, ``sample.blend_scale``, ``sample.soft_temperature``,
+      ``sample.soft_relative`` and ``seed``).
     method: one of :data:`lsot_jax.config.LSOT_METHODS`.
     potential: the fitted potential (y [n, d], h [n]).
     source: the source measure of the fit (``.sample(key, num) -> [num, d]``).
