@@ -113,13 +113,9 @@ def classifier_features(config: ml_collections.ConfigDict, train_set: Split, tes
                              streaming.image_stream(test_set, 1024, shuffle=False), None)
   else:
     data = (train_set.x, labels, test_set.x, split_labels(test_set))
-  try:
+  with streaming.closing_streams(*data):
     graphdef, params, accuracy = train.train_classifier(
         *data, model_cfg, str(cdir / "ckpt"), train_cfg, log_path=str(cdir / "metrics.jsonl"), tracker=tracker)
-  finally:
-    for stream in data:
-      if isinstance(stream, streaming.ImageStream):
-        stream.close()
   fn = jax.jit(lambda p, x: models.classifier_features(graphdef, p, x))
   return (lambda x: train.batched_apply(lambda xb: fn(params, xb), np.asarray(x, np.float32),
                                         batch_size=1024)), accuracy

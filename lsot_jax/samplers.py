@@ -172,13 +172,10 @@ def _vae(inp: SamplerInputs) -> Sampler:
     shape = inp.train_data.example_shape
   else:
     data, shape = inp.train_data, inp.train_data.shape[1:]
-  try:
+  with streaming.closing_streams(data):
     graphdef, params, _ = train.train_vae(
         data, config_lib.ae_model_config(config, shape, kind), inp.vae_dir, train_cfg,
         beta=float(config.sample.vae_beta), log_path=inp.vae_log, progress=False, tracker=inp.tracker)
-  finally:
-    if isinstance(data, streaming.ImageStream):
-      data.close()
   num, dim = int(config.sample.num_samples), int(config.ae.latent_dim)
   return Sampler(lambda key: _NORMAL(key, (num, dim)), {}, artifacts.Autoencoder(graphdef, params))
 

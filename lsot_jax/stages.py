@@ -218,14 +218,11 @@ def train_ae(ctx: Context) -> tuple[artifacts.Autoencoder, Dict[str, Any]]:
   mesh = config_lib.mesh_for(cfg, "ae.num_devices")
   if mesh is not None:
     ctx.log(f"ae: training data-parallel on {mesh.size} devices")
-  try:
+  with streaming.closing_streams(data):
     graphdef, params, history = train.train_autoencoder(
         data, config_lib.ae_model_config(cfg, shape), wd.ckpt_dir("ae", "ckpt"), train_cfg,
         code_penalty=float(cfg.ae.code_penalty), log_path=str(wd.path("ae", "metrics.jsonl")), mesh=mesh,
         tracker=ctx.tracker)
-  finally:
-    if isinstance(data, streaming.ImageStream):
-      data.close()
   ae = artifacts.Autoencoder(graphdef, params)
   test_mse, originals, recon = _reconstruction(ctx, ae, None if ctx.is_points else 32)
   if workdir_lib.is_writer():

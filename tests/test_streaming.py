@@ -222,6 +222,21 @@ def test_bad_arguments(digits):
     streaming.image_source("imagenet", "train")
 
 
+def test_closing_streams_closes_only_streams_even_on_error(digits, monkeypatch):
+  source = streaming.array_source(digits.x)
+  streams = [streaming.image_stream(source, 8), streaming.image_stream(source, 16)]
+  closed = []
+  for s in streams:
+    monkeypatch.setattr(s, "close", functools.partial(closed.append, s))
+  with pytest.raises(RuntimeError, match="training failed"):
+    with streaming.closing_streams(streams[0], digits.x, None, streams[1]):
+      next(streams[0])
+      raise RuntimeError("training failed")
+  assert closed == streams
+  with streaming.closing_streams(digits.x):
+    pass
+
+
 # ---------------------------------------------------------------------------
 # Folders of image files.
 
