@@ -90,7 +90,9 @@ def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, s
   covariance S, the Brenier map onto N(m, S) is T(x) = m + A (x - mu_s) with A = S^(1/2) / sqrt(v). With
   z_i = y_i - m and h_i = -z_i^T A^(-1) z_i / 2 - <z_i, mu_s>, ``argmax_i <x, y_i> + h_i`` is the code
   nearest to T(x) in the A^(-1) metric: the semi-discrete start that matches the codes' first two moments.
-  S is regularised by 1e-6 of its mean eigenvalue, so codes in a subspace are fine.
+  S is regularised by r = 1e-6 of its mean eigenvalue, so codes in a subspace are fine; its eigenvalues are
+  clipped at r, since float32 eigh returns the null space of a singular S as eigenvalues of about +-1e-7 of
+  the largest (below r or negative), which S^(-1/2) would blow up to heights of 1e9.
 
   Args:
     y: Array of shape [n, d], codes.
@@ -105,10 +107,10 @@ def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, s
   z = y - mean[None, :]
   cov = (weights[:, None] * z).T @ z
   d = y.shape[1]
-  cov = cov + (1e-6 * jnp.trace(cov) / d + 1e-30) * jnp.eye(d, dtype=y.dtype)
-  evals, evecs = jnp.linalg.eigh(cov)
+  reg = 1e-6 * jnp.trace(cov) / d + 1e-30
+  evals, evecs = jnp.linalg.eigh(cov + reg * jnp.eye(d, dtype=y.dtype))
   # A^(-1) = sqrt(v) S^(-1/2).
-  a_inv = (evecs * (jnp.sqrt(source_var) / jnp.sqrt(jnp.maximum(evals, 1e-30)))[None, :]) @ evecs.T
+  a_inv = (evecs * (jnp.sqrt(source_var) / jnp.sqrt(jnp.maximum(evals, reg)))[None, :]) @ evecs.T
   return -0.5 * jnp.sum((z @ a_inv) * z, axis=1) - z @ source_mean
 
 

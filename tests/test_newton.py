@@ -43,6 +43,26 @@ def _top_k_edges(x, y, h, k, quantile):
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_gaussian_heights_of_codes_in_a_subspace_match_float64():
+  """4 codes in d = 48 (covariance of rank 3): float32 eigh returns the null space as eigenvalues of about
+  +-1e-7 of the largest; unclipped, S^(-1/2) turned them into heights of 1e9 on an AMD EPYC. The heights
+  must match the same formula in float64, where those eigenvalues are the regulariser's."""
+  rng = np.random.default_rng(0)
+  y = 4.0 * rng.normal(size=(4, 48))
+  w = np.full(4, 0.25)
+  mu, var = np.full(48, 0.5), 1.0 / 12.0
+  mean = w @ y
+  z = y - mean
+  cov = (w[:, None] * z).T @ z
+  reg = 1e-6 * np.trace(cov) / 48
+  evals, evecs = np.linalg.eigh(cov + reg * np.eye(48))
+  a_inv = (evecs * (np.sqrt(var) / np.sqrt(evals))) @ evecs.T
+  ref = -0.5 * np.einsum("nd,de,ne->n", z, a_inv, z) - z @ mu
+  h = newton.gaussian_heights(jnp.asarray(y, jnp.float32), jnp.asarray(w, jnp.float32),
+                              jnp.asarray(mu, jnp.float32), var)
+  np.testing.assert_allclose(np.asarray(h) - np.mean(np.asarray(h)), ref - ref.mean(), rtol=1e-3, atol=1e-3)
+
+
 def test_hessian_matches_closed_form_1d():
   """1-D, Gaussian source: H_{i,i+1} = -pdf(b_i) / (y_{i+1} - y_i), b_i the boundary point (within 6 %)."""
   y = np.array([-1.5, -0.4, 0.3, 1.1, 2.5])

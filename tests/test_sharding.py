@@ -202,7 +202,11 @@ def check_top_k_matches_reference():
 
 
 def check_newton_solve_equals_single_device():
-  # Uneven n (203 -> 204 padded), clustered codes, Dirichlet weights: same heights and histories.
+  # Uneven n (203 -> 204 padded), clustered codes, Dirichlet weights. Every step of the sharded solver, from
+  # the single-device solver's state, gives that solver's next state to float tolerance. Whole runs are not
+  # compared value for value: the partitioned sums (conjugate gradient, centring) round differently, and the
+  # heights' ~1e-7 differences move a sample across a facet within a few steps (at step 3 of 7 on an AMD
+  # EPYC), after which the two runs are different draws of the same algorithm.
   from lsot_jax import newton  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(_NUM_DEVICES)
@@ -210,22 +214,39 @@ def check_newton_solve_equals_single_device():
   centres = 3.0 * rng.normal(size=(4, 6))
   y = centres[rng.integers(0, 4, size=203)] + rng.normal(size=(203, 6))
   problem = solver_lib.make_problem(y, rng.dirichlet(np.full(203, 4.0)))
-  # The passes are compared exactly from one start (the Gaussian one: the multiscale start's k-means and
-  # eigh run on the padded arrays and agree to rounding only, which can flip a sample on a facet).
   solver = newton.NewtonSolver(num_iterations=10, min_samples=1 << 13, max_samples=1 << 15, batch_size=4096,
                                initialisation="gaussian")
   multi = dataclasses.replace(solver, initialisation="multiscale", coarsest=16)
   h_plain = jax.jit(multi.init_heights)(problem)
   h_padded = jax.jit(multi.init_heights)(sharding.pad_problem(problem, _NUM_DEVICES))[:203]
   np.testing.assert_allclose(np.asarray(h_padded), np.asarray(h_plain), atol=1e-4)
-  pot0, st0 = jax.jit(solver)(jax.random.key(3), problem)
-  pot1, st1 = sharding.solve_sharded(jax.random.key(3), problem, solver, mesh)
-  assert isinstance(sharding.make_sharded_solver(solver, mesh), sharding.ShardedNewtonSolver)
-  assert pot1.h.shape == (203,) and int(st1.it) == int(st0.it)
-  np.testing.assert_allclose(np.asarray(pot1.h), np.asarray(pot0.h), atol=1e-4)
-  np.testing.assert_allclose(np.asarray(st1.errors), np.asarray(st0.errors), atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(st1.counts), np.asarray(st0.counts))
-  np.testing.assert_array_equal(np.asarray(st1.sample_sizes), np.asarray(st0.sample_sizes))
+
+  sharded = sharding.make_sharded_solver(solver, mesh)
+  assert isinstance(sharded, sharding.ShardedNewtonSolver)
+  padded = sharding.shard_problem(problem, mesh)
+  key = jax.random.key(3)
+  step0 = jax.jit(lambda s: solver.run(key, problem, s, 1))
+  step1 = jax.jit(lambda s: sharded.run(key, padded, s, 1))
+  state = jax.jit(solver.init)(problem)
+  kinds = set()
+  while not bool(solver.finished(problem, state)):
+    it, m = int(state.it), int(solver.schedule(203)[int(state.stage)])
+    s0 = step0(state)
+    s1 = sharding.unpad_state(step1(sharding.place_state(sharding.pad_state(state, padded.num_targets), mesh)), 203)
+    kinds.add("evaluation" if np.isnan(float(s0.alphas[it])) else "newton")
+    assert int(s1.it) == int(s0.it) == it + 1 and int(s1.stage) == int(s0.stage), it
+    np.testing.assert_allclose(np.asarray(s1.h), np.asarray(s0.h), atol=1e-4, err_msg=f"step {it}")
+    # A sample within rounding of a facet may flip: at most two, each moving one count between two cells.
+    assert np.abs(np.asarray(s1.counts) - np.asarray(s0.counts)).sum() <= 4, it
+    np.testing.assert_allclose(float(s1.errors[it]), float(s0.errors[it]), atol=4.0 / m, err_msg=f"step {it}")
+    np.testing.assert_array_equal(np.isnan(np.asarray(s1.alphas)), np.isnan(np.asarray(s0.alphas)))
+    state = s0
+  assert kinds == {"evaluation", "newton"} and int(state.it) >= 5, (kinds, int(state.it))
+
+  pot1, st1 = sharding.solve_sharded(key, problem, solver, mesh)
+  assert pot1.h.shape == (203,) and bool(solver.finished(problem, st1))
+  # The whole sharded run reaches the single-device run's accuracy (a draw of the same algorithm).
+  assert float(st1.error_bound) < 1.5 * float(state.error_bound), (float(st1.error_bound), float(state.error_bound))
 
 
 def check_data_parallel_step():
