@@ -4,8 +4,9 @@ For each problem, every solver's heights are measured on one fixed evaluation sa
 L1 error, and the unbiased chi^2 bound sqrt(chi^2) >= L1 from the same counts); evaluation time is excluded
 from the solver times. Solvers:
 
-* ``newton``: :class:`lsot_jax.newton.NewtonSolver` (defaults unless ``--newton`` overrides), one step per
-  timed chunk (a chunked run equals one run).
+* ``newton``: :class:`lsot_jax.newton.NewtonSolver` (defaults unless ``--newton`` overrides; several
+  variants separated by ``;`` each run, named ``newton k=v``), one step per timed chunk (a chunked run
+  equals one run).
 * ``adam``: :class:`lsot_jax.solver.BrenierSolver` (defaults, ``tol = 0``), timed in chunks of 10 steps.
 * ``ott``: ott-jax's ``SemidiscreteSolver`` tuned as a user would: Adam at constant step sizes and under a
   cosine decay, at batch 4,096 (``--ott`` sets the grid). ott's EMA and optimiser state cannot be carried
@@ -92,7 +93,9 @@ def _print_step(record: Dict[str, Any]) -> None:
 
 
 def run_newton(problem, evaluate, max_seconds: float, eval_every_step: bool = True, **kwargs) -> Dict[str, Any]:
+  """One Newton run, evaluated after every step (or, sparse, at stage ends and after each averaging step)."""
   solver = newton_lib.NewtonSolver(**dict(dict(callback=_print_step), **kwargs))
+  averaging = 1 if solver.averages(problem.num_targets) else -1
   run = jax.jit(solver.run, static_argnames="num_steps")
   rng = jax.random.key(7)
   init = jax.jit(solver.init)
@@ -114,13 +117,15 @@ def run_newton(problem, evaluate, max_seconds: float, eval_every_step: bool = Tr
     last = bool(solver.finished(problem, state)) or elapsed >= max_seconds
     stage_end = int(state.stage) != stage
     stage = int(state.stage)
-    if not (eval_every_step or stage_end or last):
+    if not (eval_every_step or stage_end or last or stage == averaging):
       continue
     curve.append(dict(seconds=elapsed, samples=float(state.samples_scored), step=it,
                       sample_size=int(state.sample_sizes[it - 1]), **evaluate(state.h)))
     print(f"    newton step {it}: {elapsed:.1f}s, M {curve[-1]['sample_size']}, L1 {curve[-1]['l1']:.4f} "
           f"(bound {curve[-1]['bound']:.4f})", flush=True)
-  return dict(name="newton", settings=kwargs, curve=curve, error_bound=float(state.error_bound))
+  name = " ".join(["newton"] + [f"{k}={v}" for k, v in kwargs.items()])
+  return dict(name=name, settings=kwargs, curve=curve, error_bound=float(state.error_bound),
+              effective_sample_size=solver.effective_sample_size(problem.num_targets))
 
 
 def run_adam(problem, evaluate, max_seconds: float, chunk: int = 10, eval_every: float = 0.0,
@@ -225,7 +230,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
   for s in result["solvers"]:
     c = s["curve"]
-    style = dict(marker="o", ms=3, lw=1.2 if s["name"] == "newton" else 0.9)
+    style = dict(marker="o", ms=3, lw=1.2 if s["name"].startswith("newton") else 0.9)
     axes[0].loglog([p["seconds"] for p in c], [p["l1"] for p in c], label=s["name"], **style)
     axes[1].loglog([p["samples"] / result["n"] for p in c], [p["l1"] for p in c], label=s["name"], **style)
   for ax, xlabel in zip(axes, ("solver seconds", "source samples scored / n")):
@@ -280,7 +285,10 @@ def main(argv: List[str] | None = None) -> None:
   parser.add_argument("--max-seconds", type=float, default=300.0, help="solver-time cap per solver")
   parser.add_argument("--ott", default="constant:3e-2:4096,cosine:1e-1:4096,cosine:3e-1:4096",
                       help="ott settings schedule:relative_lr:batch,...")
-  parser.add_argument("--newton", default="", help="NewtonSolver overrides, e.g. max_samples=2097152")
+  parser.add_argument("--newton", default="",
+                      help="NewtonSolver overrides, e.g. max_samples=2097152; several runs separated by ';' "
+                           "(e.g. ';averaging=False': the defaults, then without averaging); the first is the "
+                           "reference of the ratios")
   parser.add_argument("--skip", default="", help="solvers to skip: adam,ott")
   parser.add_argument("--tag", default=None)
   parser.add_argument("--eval-samples", type=int, default=0,
@@ -294,10 +302,13 @@ def main(argv: List[str] | None = None) -> None:
   global CRITERION  # pylint: disable=global-statement
   CRITERION = args.criterion
   command = "python benchmarks/bench_newton.py " + " ".join(argv if argv is not None else sys.argv[1:])
-  newton_kwargs = {}
-  for item in filter(None, args.newton.split(",")):
-    k, v = item.split("=")
-    newton_kwargs[k] = type(getattr(newton_lib.NewtonSolver(), k))(eval(v))  # pylint: disable=eval-used
+  variants = []
+  for spec in args.newton.split(";"):
+    kwargs = {}
+    for item in filter(None, spec.split(",")):
+      k, v = item.split("=")
+      kwargs[k] = type(getattr(newton_lib.NewtonSolver(), k))(eval(v))  # pylint: disable=eval-used
+    variants.append(kwargs)
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -313,8 +324,8 @@ def main(argv: List[str] | None = None) -> None:
     evaluate = make_evaluator(problem, num_eval)
     target = TARGETS[name]
     print(f"{name}: n = {n}, d = {d}, eval {num_eval} samples, target L1 {target}", flush=True)
-    solvers = [run_newton(problem, evaluate, args.max_seconds, eval_every_step=not args.sparse_eval,
-                          **newton_kwargs)]
+    solvers = [run_newton(problem, evaluate, args.max_seconds, eval_every_step=not args.sparse_eval, **kwargs)
+               for kwargs in variants]
     if "adam" not in args.skip:
       solvers.append(run_adam(problem, evaluate, args.max_seconds, eval_every=args.sparse_eval))
     if "ott" not in args.skip:

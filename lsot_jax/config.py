@@ -77,7 +77,8 @@ _SOLVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(solver_lib.Bre
 # NewtonSolver fields exposed as ot.newton.<field>; their defaults are the solver's.
 NEWTON_FIELDS = ("num_iterations", "samples_per_cell", "min_samples", "max_samples", "growth", "batch_size",
                  "hessian_samples_per_cell", "top_k", "band_quantile", "stage_tol", "max_stage_steps",
-                 "max_halvings", "regularisation", "cg_tol", "cg_max_iter", "tol", "initialisation", "verify")
+                 "max_halvings", "regularisation", "cg_tol", "cg_max_iter", "tol", "initialisation", "averaging",
+                 "max_averaging_steps", "verify")
 _NEWTON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(newton_lib.NewtonSolver)}
 # Fields that say where things are, or how they run or are read, not what is computed: they may change
 # between reruns of one workdir (a run may resume on another number of devices, or streamed; the classifier
@@ -333,11 +334,17 @@ def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any
           if a.get(k, missing) != b.get(k, missing)]
 
 
+# Fields added with a default that is not the behaviour of the versions before them: a stored config whose
+# section lacks one was run with this value (the Newton solver before ``averaging`` ran sample-average stages).
+ADDED_FIELDS_BEFORE = {"ot.newton.averaging": False}
+
+
 def config_from_dict(stored: Dict[str, Any]) -> ml_collections.ConfigDict:
   """A stored ``config.json`` as a ConfigDict on top of :func:`default_config`.
 
   Fields the stored config lacks (added after the run was made) keep their defaults, the behaviour of the
-  version that made the run; JSON lists become tuples where the default is a tuple.
+  version that made the run, except those of :data:`ADDED_FIELDS_BEFORE`, whose old behaviour is not their
+  default (the stored section holds the others); JSON lists become tuples where the default is a tuple.
 
   Args:
     stored: the parsed ``config.json`` (nested dicts).
@@ -362,6 +369,13 @@ def config_from_dict(stored: Dict[str, Any]) -> ml_collections.ConfigDict:
         section[name] = value
 
   update(config, stored, "")
+  for name, value in ADDED_FIELDS_BEFORE.items():
+    *section, field = name.split(".")
+    values = stored
+    for part in section:
+      values = values.get(part) if isinstance(values, dict) else None
+    if isinstance(values, dict) and field not in values:
+      config[".".join(section)][field] = value
   return config
 
 

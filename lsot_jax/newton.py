@@ -42,6 +42,16 @@ unbiased chi^2 error
 which stays honest when M is not >> n, and stops as soon as sqrt(chi2) <= ``tol``. After the last stage one
 more fresh sample of the last size verifies the result the same way.
 
+**Averaging** (``averaging=True``, the default). Past the first stage the line-searched sample-average stages
+are costly: each solves a 4x larger sample to its own floor with several full passes per step. Instead, once
+the first stage has done the globalisation, the solver takes T full Newton steps h_{t+1} = h_t + dh_t, each
+on a fresh sample of M_a points (one assignment pass, no line search) with the first stage's sampled
+Hessian, and returns the mean of h_1 ... h_T (Polyak-Ruppert averaging): each step's gradient noise is
+independent, so the mean has about the noise of one sample of T M_a points, T M_a ~ ``max_samples``
+(:meth:`NewtonSolver.effective_sample_size`), at the cost of T passes of M_a plus the verification. Each
+step first measures its iterate on its fresh sample (recorded like a fresh evaluation), so ``tol`` can stop
+there with that iterate.
+
 Contract (as :class:`lsot_jax.solver.BrenierSolver`): pure and jit-able (``jax.jit(solver)(rng, problem)``),
 the whole loop on device (one ``lax.while_loop`` over all stages: the step is compiled once), preallocated
 histories, resumable in chunks of steps with identical results, usable under ``jax.vmap`` over keys, and
@@ -131,7 +141,10 @@ class NewtonState:
     halvings: scalar int32, halvings of the last accepted step.
     converged: scalar bool, a fresh evaluation met ``tol``.
     diverged: scalar bool, a non-finite value appeared.
-    h: Array of shape [n], mean-centred heights.
+    h: Array of shape [n], mean-centred heights: the solver's result (in the averaging stage the running
+      average of the iterates).
+    h_iter: Array of shape [n], the averaging stage's iterate (equal to ``h`` before that stage).
+    num_averaged: scalar int32, iterates in the average so far.
     counts: int32 array of shape [n], samples per cell at ``h`` on the stage sample.
     energy: scalar, E(h) on the stage sample.
     top_vals: Array of shape [R, k], top-k scores of the Hessian rows at ``h``.
@@ -158,6 +171,8 @@ class NewtonState:
   converged: jax.Array
   diverged: jax.Array
   h: jax.Array
+  h_iter: jax.Array
+  num_averaged: jax.Array
   counts: jax.Array
   energy: jax.Array
   top_vals: jax.Array
@@ -215,6 +230,10 @@ class NewtonSolver:
     scale_samples_per_cell: each refinement scales its within-cluster (quadratic) heights by the factor
       that minimises the energy on a sample of this times n source points (0: no search, factor 1).
     scale_steps: golden-section steps of that search (each one pass of the search sample).
+    averaging: after the first stage, replace the larger sample-average stages by an averaging stage
+      (see the module docstring): :meth:`averaging_steps` full Newton steps, each on a fresh sample of
+      :meth:`averaging_size` points, with the first stage's Hessian; the result is the iterates' mean.
+    max_averaging_steps: the averaging stage's steps at most; its samples total about ``max_samples``.
     verify: after the last stage, measure the result on one more fresh sample of the last size (the final
       ``error_bound``); without it the last bound is the one measured at the start of the last stage.
     tile_size: targets per tile in the kernels.
@@ -257,6 +276,8 @@ class NewtonSolver:
   coarse_samples_per_cell: int = dataclasses.field(default=256, metadata=dict(static=True))
   scale_samples_per_cell: int = dataclasses.field(default=4, metadata=dict(static=True))
   scale_steps: int = dataclasses.field(default=8, metadata=dict(static=True))
+  averaging: bool = dataclasses.field(default=True, metadata=dict(static=True))
+  max_averaging_steps: int = dataclasses.field(default=16, metadata=dict(static=True))
   verify: bool = dataclasses.field(default=True, metadata=dict(static=True))
   tile_size: int = dataclasses.field(default=8192, metadata=dict(static=True))
   row_chunk: int = dataclasses.field(default=4096, metadata=dict(static=True))
@@ -280,7 +301,7 @@ class NewtonSolver:
     if not 0.0 < self.band_quantile < 1.0:
       raise ValueError(f"band_quantile must be in (0, 1); got {self.band_quantile}.")
     for name in ("num_iterations", "samples_per_cell", "min_samples", "max_samples", "batch_size",
-                 "hessian_samples_per_cell", "max_stage_steps", "cg_max_iter"):
+                 "hessian_samples_per_cell", "max_stage_steps", "cg_max_iter", "max_averaging_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
     if self.coarsening < 2 or self.coarsest < 2:
@@ -305,16 +326,44 @@ class NewtonSolver:
     size if that is smaller (one batch shape for all stages, so the loop body is compiled once)."""
     return min(self.batch_size, self._raw_sizes(n)[0])
 
-  def stage_sizes(self, n: int) -> Tuple[int, ...]:
-    """Sample size of each solving stage for n targets (each a multiple of :meth:`stage_batch`)."""
+  def _round(self, n: int, m: int) -> int:
     batch = self.stage_batch(n)
-    return tuple(-(-m // batch) * batch for m in self._raw_sizes(n))
+    return -(-m // batch) * batch
+
+  def averages(self, n: int) -> bool:
+    """Whether a run on n targets has an averaging stage (``averaging``, and a first stage below
+    ``max_samples``)."""
+    return self.averaging and len(self._raw_sizes(n)) > 1
+
+  def averaging_size(self, n: int) -> int:
+    """Sample size of each averaging step: max(first stage, ``max_samples`` / ``max_averaging_steps``)."""
+    first = self._raw_sizes(n)[0]
+    return self._round(n, max(first, -(-self.max_samples // self.max_averaging_steps)))
+
+  def averaging_steps(self, n: int) -> int:
+    """Steps of the averaging stage (0 without one): enough that their samples total ``max_samples``."""
+    return -(-self.max_samples // self.averaging_size(n)) if self.averages(n) else 0
+
+  def effective_sample_size(self, n: int) -> int:
+    """The sample size whose noise floor the result can reach: the last stage's size, or the averaging
+    stage's samples together (the mean of T iterates on fresh samples of M points has the noise of T M)."""
+    if self.averages(n):
+      return self.averaging_steps(n) * self.averaging_size(n)
+    return self.stage_sizes(n)[-1]
+
+  def stage_sizes(self, n: int) -> Tuple[int, ...]:
+    """Sample size of each solving stage for n targets (each a multiple of :meth:`stage_batch`); with an
+    averaging stage, (first stage, :meth:`averaging_size`)."""
+    if self.averages(n):
+      return (self._round(n, self._raw_sizes(n)[0]), self.averaging_size(n))
+    return tuple(self._round(n, m) for m in self._raw_sizes(n))
 
   def schedule(self, n: int) -> Tuple[int, ...]:
     """Sample size of every stage the run goes through: the solving stages, then (``verify``) the
-    verification sample."""
+    verification sample (the largest stage's size, or ``max_samples`` after averaging)."""
     sizes = self.stage_sizes(n)
-    return sizes + (sizes[-1],) if self.verify else sizes
+    last = self._round(n, self.max_samples) if self.averages(n) else sizes[-1]
+    return sizes + (last,) if self.verify else sizes
 
   def _hessian_batches(self, n: int, m):
     """Batches of a stage of m samples (m static or traced) whose top-k feeds the Hessian."""
@@ -325,7 +374,9 @@ class NewtonSolver:
     """R: rows of the Hessian buffers (the most Hessian samples any stage uses)."""
     batch = self.stage_batch(n)
     cap = max(1, -(-self.hessian_samples_per_cell * n // batch))
-    return min(max(self.schedule(n)) // batch, cap) * batch
+    # After averaging only the first stage computes top-k; the averaging steps reuse its buffers.
+    largest = self.stage_sizes(n)[0] if self.averages(n) else max(self.schedule(n))
+    return min(largest // batch, cap) * batch
 
   # ---- assignment hooks (the sharded solver overrides these) ---------------------------------------------
 
@@ -432,12 +483,14 @@ class NewtonSolver:
     return multiscale.level_sizes(n, max(self.coarsening, self.codes_per_dim * d), self.coarsest)
 
   def coarse_solver(self, k: int) -> "NewtonSolver":
-    """The single-device solver of a coarse level with k targets (no verification, its sample capped)."""
+    """The single-device solver of a coarse level with k targets (no verification or averaging, its sample
+    capped)."""
     cap = 1 << max(0, math.ceil(math.log2(self.coarse_samples_per_cell * k)))
     cap = min(max(cap, self.min_samples), self.max_samples)
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(NewtonSolver)}
     # A plain solver: coarse levels are small, and a sharded one would need K to fit the mesh.
-    return NewtonSolver(**dict(fields, verify=False, tol=0.0, max_samples=cap, callback=None))
+    # No averaging: the start's measured behaviour (docs/newton.md) is that of the line-searched stages.
+    return NewtonSolver(**dict(fields, verify=False, tol=0.0, max_samples=cap, callback=None, averaging=False))
 
   def init(self, problem: solver_lib.SemidiscreteProblem, h_init: Optional[jax.Array] = None) -> NewtonState:
     """Initial state (a pytree) with preallocated histories."""
@@ -453,7 +506,7 @@ class NewtonSolver:
     return NewtonState(
         it=jnp.zeros((), jnp.int32), stage=jnp.zeros((), jnp.int32), stage_it=jnp.zeros((), jnp.int32),
         evaluated=false, stalled=false, halvings=jnp.zeros((), jnp.int32), converged=false, diverged=false,
-        h=h, counts=jnp.zeros((n,), jnp.int32), energy=jnp.zeros((), jnp.float32),
+        h=h, h_iter=h, num_averaged=jnp.zeros((), jnp.int32), counts=jnp.zeros((n,), jnp.int32), energy=jnp.zeros((), jnp.float32),
         top_vals=jnp.full((rows, self.top_k), -jnp.inf, jnp.float32),
         top_idx=jnp.zeros((rows, self.top_k), jnp.int32),
         samples_scored=scored, error_bound=jnp.asarray(jnp.inf, jnp.float32),
@@ -498,6 +551,70 @@ class NewtonSolver:
                        empty=self._num_empty(ev["counts"], nu), scored=scored),
     )
 
+  def _direction(self, state: NewtonState, grad, hess_rows, candidates, known) -> Tuple[jax.Array, ...]:
+    """The Newton direction of the Hessian sampled in ``state``'s top-k buffers.
+
+    Solves (H + r I) dh = -grad - H known on the free cells (the candidates with a sampled facet), by
+    preconditioned conjugate gradient; the other cells keep dh = 0.
+
+    Args:
+      state: its ``top_vals`` / ``top_idx`` buffers give the Hessian edges.
+      grad: Array of shape [n], cell masses minus targets.
+      hess_rows: traced scalar, the number of buffer rows filled (the Hessian's sample size).
+      candidates: bool array of shape [n], cells that may get a Newton row.
+      known: Array of shape [n], fixed raises of the other cells (a boundary value; 0 on candidates).
+
+    Returns:
+      ``(dh, cg_iterations, eps)``: Array of shape [n], scalar int32 and the band width eps.
+    """
+    n = grad.shape[0]
+    a, b, w, eps = hessian.hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
+    degree = jax.ops.segment_sum(w, a, num_segments=n) + jax.ops.segment_sum(w, b, num_segments=n)
+    free = candidates & (degree > 0)
+    free_degree = jnp.where(free, degree, 0.0)
+    mean_degree = jnp.sum(free_degree) / jnp.maximum(jnp.sum(free), 1)
+    reg = jnp.where(free, self.regularisation * mean_degree, 1.0)
+    rhs = jnp.where(free, -grad - hessian.laplacian_matvec(a, b, w, known), 0.0)
+    mask = free.astype(jnp.float32)
+    matvec = lambda v: mask * hessian.laplacian_matvec(a, b, w, mask * v) + reg * v  # pylint: disable=unnecessary-lambda-assignment
+    dh, cg_iters = hessian.pcg(matvec, rhs, free_degree + reg, tol=self.cg_tol, max_iter=self.cg_max_iter)
+    return jnp.where(free & jnp.isfinite(dh), dh, 0.0), cg_iters, eps
+
+  def _averaging_step(self, rng, problem, state: NewtonState, stage, m) -> NewtonState:
+    """One averaging step: measure the iterate on a fresh sample of m points, take the full Newton step of
+    that sample's gradient (the first stage's Hessian), and fold the new iterate into the average ``h``."""
+    nu = problem.weights
+    n = problem.num_targets
+    k = state.num_averaged
+    ev = self._evaluate(jax.random.fold_in(jax.random.fold_in(rng, stage), k), problem, state.h_iter, m,
+                        with_top_k=False)
+    chi2 = solver_lib.marginal_chi2(ev["counts"], nu, m)
+    l1 = self._l1(ev["counts"], nu, m)
+    bound = jnp.sqrt(jnp.maximum(chi2, 0.0))
+    converged = bound <= self.tol
+    grad = ev["counts"].astype(jnp.float32) / m - nu
+    hess_rows = self._hessian_batches(n, self.stage_sizes(n)[0]) * self.stage_batch(n)
+    dh, cg_iters, _ = self._direction(state, grad, hess_rows, nu > 0, jnp.zeros((n,), jnp.float32))
+    h_next = solver_lib.centre(state.h_iter + dh, nu)
+    count = k + 1
+    # The mean of h_1 ... h_count (the first stage's result h_0 is not in it).
+    average = state.h + (h_next - state.h) / count.astype(jnp.float32)
+    done = converged | (count >= self.averaging_steps(n))
+    scored = state.samples_scored + m
+    finite = jnp.isfinite(ev["energy"]) & jnp.all(jnp.isfinite(h_next))
+    return dataclasses.replace(
+        state, it=state.it + 1, stage=jnp.where(done, stage + 1, state.stage).astype(jnp.int32),
+        converged=converged, diverged=~finite,
+        # A measured iterate that meets tol is the result; otherwise the average goes on.
+        h=jnp.where(converged, state.h_iter, average), h_iter=jnp.where(converged, state.h_iter, h_next),
+        num_averaged=jnp.where(converged, k, count), counts=ev["counts"], energy=ev["energy"],
+        samples_scored=scored,
+        # The first step measures the first stage's result on a fresh sample; later ones measure iterates.
+        error_bound=jnp.where((k == 0) | converged, bound, state.error_bound),
+        **self._record(state, it=state.it, error=l1, m=m, energy=ev["energy"], chi2=chi2, fresh_l1=l1,
+                       alpha=1.0, cg=cg_iters, empty=self._num_empty(ev["counts"], nu), scored=scored),
+    )
+
   def _newton_step(self, rng, problem, state: NewtonState, stage, m) -> NewtonState:
     """One damped Newton step on the stage sample (or the end of the stage)."""
     nu = problem.weights
@@ -515,27 +632,17 @@ class NewtonSolver:
     def step(state):
       grad = state.counts.astype(jnp.float32) / m - nu
       hess_rows = self._hessian_batches(n, m) * self.stage_batch(n)
-      a, b, w, eps = hessian.hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
-      degree = jax.ops.segment_sum(w, a, num_segments=n) + jax.ops.segment_sum(w, b, num_segments=n)
       # Cells that win no sample get no Newton row: their sampled Hessian rests on a few runner-up counts
       # and a Newton raise nu_i / H_ii would be huge. They are raised by their deficit + eps instead (they
       # then win the samples where they came closest), and Newton solves for the others with that raise
       # as a known boundary value.
       empty_cells = active & (state.counts == 0)
-      free = active & ~empty_cells & (degree > 0)
       raise_by = jax.lax.cond(
           jnp.any(empty_cells),
           lambda: self._deficits(key, problem, state.h, state.top_vals, m),
           lambda: jnp.zeros((n,), jnp.float32))
       raise_by = jnp.where(empty_cells & jnp.isfinite(raise_by), raise_by, 0.0)
-      free_degree = jnp.where(free, degree, 0.0)
-      mean_degree = jnp.sum(free_degree) / jnp.maximum(jnp.sum(free), 1)
-      reg = jnp.where(free, self.regularisation * mean_degree, 1.0)
-      rhs = jnp.where(free, -grad - hessian.laplacian_matvec(a, b, w, raise_by), 0.0)
-      mask = free.astype(jnp.float32)
-      matvec = lambda v: mask * hessian.laplacian_matvec(a, b, w, mask * v) + reg * v  # pylint: disable=unnecessary-lambda-assignment
-      dh, cg_iters = hessian.pcg(matvec, rhs, free_degree + reg, tol=self.cg_tol, max_iter=self.cg_max_iter)
-      dh = jnp.where(free & jnp.isfinite(dh), dh, 0.0)
+      dh, cg_iters, eps = self._direction(state, grad, hess_rows, active & ~empty_cells, raise_by)
       empty = self._num_empty(state.counts, nu)
       start = jnp.maximum(state.halvings // 2, 0)
 
@@ -573,7 +680,8 @@ class NewtonSolver:
       energy = keep(ev["energy"], state.energy)
       return dataclasses.replace(
           state, it=state.it + 1, stage_it=state.stage_it + 1, stalled=~accepted,
-          halvings=jnp.where(accepted, j - 1, state.halvings), h=keep(ev["h"], state.h), counts=counts,
+          halvings=jnp.where(accepted, j - 1, state.halvings), h=keep(ev["h"], state.h),
+          h_iter=keep(ev["h"], state.h), counts=counts,
           energy=energy, top_vals=top_vals, top_idx=top_idx, samples_scored=scored,
           **self._record(state, it=state.it, error=new_error, m=m, energy=energy, alpha=alpha, cg=cg_iters,
                          empty=self._num_empty(counts, nu), scored=scored),
@@ -602,15 +710,17 @@ class NewtonSolver:
     def cond(s):
       return (s.stage < len(sizes)) & (s.it < end) & ~s.converged & ~s.diverged
 
+    averaging_stage = 1 if self.averages(problem.num_targets) else -1
+
     def body(s):
       stage = jnp.minimum(s.stage, len(sizes) - 1)
       m = table[stage]
       last = jnp.asarray(self.verify, bool) & (stage == len(sizes) - 1)
-      return jax.lax.cond(
-          s.evaluated & ~last,
+      branch = jnp.where(stage == averaging_stage, 2, jnp.where(s.evaluated & ~last, 0, 1))
+      return jax.lax.switch(branch, [
           lambda s: self._newton_step(rng, problem, s, stage, m),
           lambda s: self._fresh_step(rng, problem, s, stage, m, last),
-          s)
+          lambda s: self._averaging_step(rng, problem, s, stage, m)], s)
 
     if self.callback is not None:
       body = self._reporting(body, cond, len(sizes))

@@ -433,7 +433,7 @@ def make_sharded_solver(solver: Any, mesh: Mesh, axis_name: Optional[str] = None
 
 def _resize_cells(state: Any, fn) -> Any:
   if isinstance(state, newton_lib.NewtonState):
-    return dataclasses.replace(state, h=fn(state.h), counts=fn(state.counts))
+    return dataclasses.replace(state, h=fn(state.h), h_iter=fn(state.h_iter), counts=fn(state.counts))
   return dataclasses.replace(
       state,
       h=fn(state.h),
@@ -444,7 +444,7 @@ def _resize_cells(state: Any, fn) -> Any:
 
 def unpad_state(state: Any, n: int) -> Any:
   """Cuts the per-target arrays of a padded solver state (Adam: h, moments, window histogram; Newton: h,
-  counts) to n."""
+  h_iter, counts) to n."""
   return _resize_cells(state, lambda a: a[:n])
 
 
@@ -469,7 +469,8 @@ def place_state(state: Any, mesh: Mesh) -> Any:
   placed = jax.device_put(state, whole)
   per_cell = lambda a: jax.device_put(a, cells if jnp.ndim(a) else whole)  # pylint: disable=unnecessary-lambda-assignment
   if isinstance(state, newton_lib.NewtonState):
-    return dataclasses.replace(placed, h=per_cell(state.h), counts=per_cell(state.counts))
+    return dataclasses.replace(placed, h=per_cell(state.h), h_iter=per_cell(state.h_iter),
+                               counts=per_cell(state.counts))
   return dataclasses.replace(placed, h=per_cell(state.h), window_hist=per_cell(state.window_hist),
                              opt_state=jax.tree.map(per_cell, state.opt_state))
 

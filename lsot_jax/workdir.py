@@ -103,15 +103,33 @@ def _is_positional(template: Any, meta: Dict[str, Any]) -> bool:
   return meta.get(STATE_LAYOUT_KEY) != NAMED_LAYOUT and not isinstance(template, newton_lib.NewtonState)
 
 
+# NewtonState fields added after ot checkpoints were first written, with the values that a checkpoint without
+# them resumes with (the averaging iterate starts at the heights). A step's meta lists its state's fields
+# under STATE_FIELDS_KEY since they were added.
+_NEWTON_ADDED = {"h_iter": lambda saved: saved["h"], "num_averaged": lambda saved: np.zeros((), np.int32)}
+STATE_FIELDS_KEY = "state_fields"
+
+
+def _missing_fields(template: Any, meta: Dict[str, Any]) -> Tuple[str, ...]:
+  """Fields of ``template`` that a checkpoint with ``meta`` does not hold."""
+  if not isinstance(template, newton_lib.NewtonState) or STATE_FIELDS_KEY in meta:
+    return ()
+  return tuple(_NEWTON_ADDED)
+
+
 def _checkpoint_target(template: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
-  return positional_state(template) if _is_positional(template, meta) else named_state(template)
+  if _is_positional(template, meta):
+    return positional_state(template)
+  missing = _missing_fields(template, meta)
+  return {k: v for k, v in named_state(template).items() if k not in missing}
 
 
 def save_ot_state(ckpt: checkpoint_lib.StageCheckpointer, state: Any) -> None:
   """Saves a solver state as step ``state.it`` of the ot checkpoints, under named keys (:func:`named_state`),
   replacing that step if it exists."""
   it = int(state.it)
-  meta = {"it": it, "converged": bool(state.converged), STATE_LAYOUT_KEY: NAMED_LAYOUT}
+  meta = {"it": it, "converged": bool(state.converged), STATE_LAYOUT_KEY: NAMED_LAYOUT,
+          STATE_FIELDS_KEY: sorted(named_state(state))}
   ckpt.save(it, named_state(state), meta, overwrite=True)
 
 
@@ -379,7 +397,8 @@ class Workdir:
 
   def restore_ot_state(self, template: Any) -> Any:
     """The latest checkpointed solver state (``template`` if there is none), from named keys or, for a
-    workdir of the versions before them, the Adam state's leaf positions."""
+    workdir of the versions before them, the Adam state's leaf positions; a Newton state saved before its
+    averaging fields existed gets their starting values."""
     with self.ot_checkpointer() as ckpt:
       if ckpt.latest_step() is None:
         return template
@@ -387,6 +406,8 @@ class Workdir:
     if _is_positional(template, meta):
       treedef = jax.tree.structure(template)
       return jax.tree.unflatten(treedef, [jnp.asarray(saved[k]) for k in positional_state(template)])
+    for name in _missing_fields(template, meta):
+      saved[name] = _NEWTON_ADDED[name](saved)
     return state_from_named(template, saved)
 
   def samples_meta(self, method: str) -> Dict[str, Any]:
