@@ -197,9 +197,15 @@ def first_at(curve: Sequence[Dict[str, float]], target: float) -> Dict[str, floa
 
 
 def summarise(result: Dict[str, Any]) -> None:
-  """Adds per-solver time / samples to the target and the ratios against Newton."""
+  """Adds per-solver time / samples to the target and the ratios against Newton: the Newton run (of the
+  ``--newton`` variants) first to reach the target, or the first variant if none did."""
   target = result["target"]
-  newton = first_at(result["solvers"][0]["curve"], target)
+  runs = [s for s in result["solvers"] if s["name"].startswith("newton")]
+  hits = [(first_at(s["curve"], target), i) for i, s in enumerate(runs)]
+  reached = [(hit["seconds"], i) for hit, i in hits if hit is not None]
+  ref = min(reached)[1] if reached else 0
+  newton = hits[ref][0]
+  result["reference"] = runs[ref]["name"]
   for s in result["solvers"]:
     hit = first_at(s["curve"], target)
     best = min(s["curve"], key=lambda p: p["l1"])
@@ -214,12 +220,12 @@ def summarise(result: Dict[str, Any]) -> None:
     elif newton is not None:
       # Not reached within the cap: the ratio is at least the time it ran over Newton's time.
       s["time_ratio_vs_newton_at_least"] = s["total_seconds"] / newton["seconds"]
-  final = result["solvers"][0]["curve"][-1]
+  final = runs[ref]["curve"][-1]
   result["newton_final_sample"] = final.get("sample_size")
   if final.get("sample_size"):
     size = final["sample_size"]
     result["newton_final_floor"] = float(solver_lib.noise_floor_l1(result["weights"], size))
-    at = first_at(result["solvers"][0]["curve"], 1.5 * result["newton_final_floor"])
+    at = first_at(runs[ref]["curve"], 1.5 * result["newton_final_floor"])
     result["newton_samples_to_1p5_floor_over_final_size"] = None if at is None else at["samples"] / size
 
 
@@ -249,7 +255,8 @@ def markdown(results: List[Dict[str, Any]], command: str) -> str:
   lines = [f"# Newton vs Adam vs ott-jax ({results[0]['machine']})", "", f"Command: `{command}`", "",
            f"Time and samples scored until the error ({results[0]['criterion']}: the L1 on a fixed evaluation sample, "
            "or its unbiased sqrt(chi^2) bound) first reached the target; "
-           "ott points are fresh runs at doubled budgets. Ratio = solver time / Newton's time.", "",
+           "ott points are fresh runs at doubled budgets. Ratio = solver time / the time of the Newton run first "
+           "to reach it (" + ", ".join(f"{r['problem']}: {r['reference']}" for r in results) + ").", "",
            "| problem | target | solver | seconds | samples / n | ratio | best L1 (bound) |",
            "|---|---|---|---|---|---|---|"]
   for r in results:
@@ -266,8 +273,8 @@ def markdown(results: List[Dict[str, Any]], command: str) -> str:
         ratio = "-"
       lines.append(f"| {r['problem']} (n {r['n']}, d {r['d']}) | {r['target']} | {s['name']} | {sec} | {samp} | "
                    f"{ratio} | {s['best_l1']:.4f} ({s['best_bound']:.4f}) |")
-  lines += ["", "Newton's sample efficiency: samples scored until the true L1 reached 1.5x the noise floor of its "
-            "final stage sample, over that sample size:", ""]
+  lines += ["", "Newton's sample efficiency (that run): samples scored until the error reached 1.5x the noise floor "
+            "of its final (verification) sample, over that sample size:", ""]
   for r in results:
     val = r.get("newton_samples_to_1p5_floor_over_final_size")
     lines.append(f"- {r['problem']}: final sample {r.get('newton_final_sample')}, floor "
@@ -298,8 +305,14 @@ def main(argv: List[str] | None = None) -> None:
                            "no evaluation sample >> n: use it for large n)")
   parser.add_argument("--sparse-eval", type=float, default=0.0,
                       help="evaluate Newton only at stage ends and Adam at most every this many solver seconds")
+  parser.add_argument("--from-json", default=None,
+                      help="re-summarise the curves of an earlier run's newton_<tag>.json (its problems and "
+                           "criterion) and rewrite its .md / .png, solving nothing")
   args = parser.parse_args(argv)
   global CRITERION  # pylint: disable=global-statement
+  if args.from_json:
+    _resummarise(args.from_json, args.workdir)
+    return
   CRITERION = args.criterion
   command = "python benchmarks/bench_newton.py " + " ".join(argv if argv is not None else sys.argv[1:])
   variants = []
@@ -338,15 +351,31 @@ def main(argv: List[str] | None = None) -> None:
     summarise(result)
     del result["weights"]
     results.append(result)
-  tag = args.tag or "_".join(args.problems.split(","))
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, f"newton_{tag}.json"), "w") as f:
+  _write(os.path.join(RESULTS, f"newton_{args.tag or '_'.join(args.problems.split(','))}"), command, results)
+
+
+def _write(stem: str, command: str, results: List[Dict[str, Any]]) -> None:
+  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  with open(f"{stem}.json", "w") as f:
     json.dump(dict(command=command, results=results), f, indent=1)
-  with open(os.path.join(RESULTS, f"newton_{tag}.md"), "w") as f:
+  with open(f"{stem}.md", "w") as f:
     f.write(markdown(results, command))
   for r in results:
-    plot(r, os.path.join(RESULTS, f"newton_{tag}_{r['problem']}.png"))
+    plot(r, f"{stem}_{r['problem']}.png")
   print(markdown(results, command))
+
+
+def _resummarise(path: str, workdir: str | None) -> None:
+  """Rewrites an earlier run's result files with this version's summary (the curves are kept as measured)."""
+  global CRITERION  # pylint: disable=global-statement
+  with open(path) as f:
+    saved = json.load(f)
+  for r in saved["results"]:
+    CRITERION = r["criterion"]
+    r["weights"] = load_problem(r["problem"], workdir).weights
+    summarise(r)
+    del r["weights"]
+  _write(path[:-len(".json")], saved["command"], saved["results"])
 
 
 if __name__ == "__main__":

@@ -177,11 +177,10 @@ def default_config() -> ml_collections.ConfigDict:
     ot.num_codes: number of training codes the potential is fitted to (0: all; a seeded random subset
       otherwise); the baselines are fitted to the same codes.
     ot.solver: ``"adam"`` (:class:`lsot_jax.solver.BrenierSolver`, first order; the default) or ``"newton"``
-      (:class:`lsot_jax.newton.NewtonSolver`: Monte-Carlo damped Newton with sample growth, solved to the
-      noise floor of its last sample; opt-in: on the 25-Gaussian grid in data space its line search stalls
-      at L1 1.86, and on an 8-cluster d = 16 problem Adam reached L1 0.05 in half its time, see
-      benchmarks/results/newton_mix2k_grid25.md). A workdir whose OT stage predates this field was fitted
-      by ``"adam"``.
+      (:class:`lsot_jax.newton.NewtonSolver`: Monte-Carlo damped Newton, then averaged full steps on
+      fresh samples; opt-in: faster than Adam on the mixture benchmarks, but on the 60,000 MNIST codes
+      its start leaves thousands of cells empty and the damped steps take minutes each, see
+      docs/newton.md). A workdir whose OT stage predates this field was fitted by ``"adam"``.
     ot.newton.*: :class:`lsot_jax.newton.NewtonSolver` fields (same defaults), used when ot.solver is newton.
     ot.learning_rate ... ot.initialisation: :class:`lsot_jax.solver.BrenierSolver` fields (same defaults),
       used by ot.solver = adam, by OT scans and by the ``ott_semidiscrete`` baseline's step budget.

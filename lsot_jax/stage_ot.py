@@ -99,6 +99,8 @@ def _history(solver: Any, state: Any) -> Dict[str, Any]:
         "empty_cells": np.asarray(state.empty_cells[:it]),
         "losses": np.asarray(state.energies[:it]),
         "error_bound": float(state.error_bound),
+        "num_averaged": int(state.num_averaged),
+        "effective_sample_size": solver.effective_sample_size(int(state.h.shape[0])),
         "tol": solver.tol,
     }
   return {

@@ -508,6 +508,8 @@ def test_newton_ot_stage_reports_unbiased_error_and_resumes_identically(tmp_path
   history = json.loads((tmp_path / "a" / "ot" / "history.json").read_text())
   assert history["solver"] == "newton" and len(history["chi2"]) == ot["iterations"]
   assert np.isfinite(history["error_bound"]) and np.nanmax(history["alphas"]) >= 0.5  # Newton steps were taken
+  # The default averaging stage ran: its iterates on 2^13-point samples total max_samples.
+  assert history["num_averaged"] == 4 and history["effective_sample_size"] == 1 << 15, history
   assert json.loads((tmp_path / "a" / "ot" / "DONE.json").read_text())["fields"]["ot.solver"] == "newton"
 
   from lsot_jax import checkpoint  # pylint: disable=import-outside-toplevel
