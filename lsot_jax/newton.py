@@ -211,6 +211,9 @@ class NewtonSolver:
     band_quantile: eps is this quantile of the best-minus-second score gaps.
     stage_tol: a stage ends when its sample's L1 error is at most this times the sample's noise floor.
     max_stage_steps: Newton steps per stage at most.
+    max_first_stage_steps: with an averaging stage, the first stage goes on past ``max_stage_steps`` while
+      its last accepted step was damped (alpha < 1), up to this many steps: the averaging steps are full
+      steps and need Newton's local regime.
     max_halvings: the line search tries alpha = 1 ... 2^-max_halvings.
     regularisation: r = this times the mean Hessian degree is added to the diagonal.
     cg_tol: relative residual of the conjugate-gradient solve.
@@ -264,6 +267,7 @@ class NewtonSolver:
   band_quantile: float = dataclasses.field(default=0.5, metadata=dict(static=True))
   stage_tol: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   max_stage_steps: int = dataclasses.field(default=8, metadata=dict(static=True))
+  max_first_stage_steps: int = dataclasses.field(default=32, metadata=dict(static=True))
   max_halvings: int = dataclasses.field(default=6, metadata=dict(static=True))
   regularisation: float = dataclasses.field(default=1e-3, metadata=dict(static=True))
   cg_tol: float = dataclasses.field(default=1e-3, metadata=dict(static=True))
@@ -301,7 +305,8 @@ class NewtonSolver:
     if not 0.0 < self.band_quantile < 1.0:
       raise ValueError(f"band_quantile must be in (0, 1); got {self.band_quantile}.")
     for name in ("num_iterations", "samples_per_cell", "min_samples", "max_samples", "batch_size",
-                 "hessian_samples_per_cell", "max_stage_steps", "cg_max_iter", "max_averaging_steps"):
+                 "hessian_samples_per_cell", "max_stage_steps", "cg_max_iter", "max_averaging_steps",
+                 "max_first_stage_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
     if self.coarsening < 2 or self.coarsest < 2:
@@ -623,7 +628,10 @@ class NewtonSolver:
     active = nu > 0
     error = self._l1(state.counts, nu, m)
     floor = solver_lib.noise_floor_l1(nu, m)
-    end_stage = (error <= self.stage_tol * floor) | state.stalled | (state.stage_it >= self.max_stage_steps)
+    cap = self.max_stage_steps
+    if self.averages(n):
+      cap = jnp.where((stage == 0) & (state.halvings > 0), max(self.max_first_stage_steps, cap), cap)
+    end_stage = (error <= self.stage_tol * floor) | state.stalled | (state.stage_it >= cap)
 
     def advance(state):
       return dataclasses.replace(

@@ -329,6 +329,8 @@ def test_rejects_bad_hyperparameters():
     newton.NewtonSolver(codes_per_dim=-2)
   with pytest.raises(ValueError, match="max_averaging_steps"):
     newton.NewtonSolver(max_averaging_steps=0)
+  with pytest.raises(ValueError, match="max_first_stage_steps"):
+    newton.NewtonSolver(max_first_stage_steps=0)
 
 
 # ------------------------------------------------------------------------------------------------------
