@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from lsot_jax import kernels
 from lsot_jax import solver as solver_lib
 
-__all__ = ["kmeans", "coarse_problem", "refine_heights", "level_sizes", "multiscale_start", "segment_outer",
+__all__ = ["gaussian_heights", "kmeans", "coarse_problem", "refine_heights", "level_sizes", "multiscale_start", "segment_outer",
            "sampled_energy", "line_minimise"]
 
 
@@ -176,6 +176,37 @@ def segment_outer(v: jax.Array, segments: jax.Array, weights: jax.Array, k: int,
     return acc + jax.ops.segment_sum(outer, sp[i], num_segments=k)
 
   return jax.lax.fori_loop(0, vp.shape[0], body, jnp.zeros((k, d, d), v.dtype))
+
+
+def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, source_var: jax.Array) -> jax.Array:
+  """Heights of the closed-form map from the source onto a Gaussian fitted to the codes.
+
+  For an isotropic source of mean mu_s and per-coordinate variance v, and codes of weighted mean m and
+  covariance S, the Brenier map onto N(m, S) is T(x) = m + A (x - mu_s) with A = S^(1/2) / sqrt(v). With
+  z_i = y_i - m and h_i = -z_i^T A^(-1) z_i / 2 - <z_i, mu_s>, ``argmax_i <x, y_i> + h_i`` is the code
+  nearest to T(x) in the A^(-1) metric: the semi-discrete start that matches the codes' first two moments.
+  S is regularised by r = 1e-6 of its mean eigenvalue, so codes in a subspace are fine; its eigenvalues are
+  clipped at r, since float32 eigh returns the null space of a singular S as eigenvalues of about +-1e-7 of
+  the largest (below r or negative), which S^(-1/2) would blow up to heights of 1e9.
+
+  Args:
+    y: Array of shape [n, d], codes.
+    weights: Array of shape [n], their weights.
+    source_mean: Array of shape [d], the source's mean.
+    source_var: scalar, the source's per-coordinate variance.
+
+  Returns:
+    Array of shape [n].
+  """
+  mean = jnp.sum(weights[:, None] * y, axis=0)
+  z = y - mean[None, :]
+  cov = (weights[:, None] * z).T @ z
+  d = y.shape[1]
+  reg = 1e-6 * jnp.trace(cov) / d + 1e-30
+  evals, evecs = jnp.linalg.eigh(cov + reg * jnp.eye(d, dtype=y.dtype))
+  # A^(-1) = sqrt(v) S^(-1/2).
+  a_inv = (evecs * (jnp.sqrt(source_var) / jnp.sqrt(jnp.maximum(evals, reg)))[None, :]) @ evecs.T
+  return -0.5 * jnp.sum((z @ a_inv) * z, axis=1) - z @ source_mean
 
 
 def _psd_eigh(m: jax.Array) -> Tuple[jax.Array, jax.Array]:

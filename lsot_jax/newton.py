@@ -9,48 +9,26 @@ Its small eigenvalues are cluster-level height shifts, the directions that a fir
 on clustered codes; Newton's method removes them (Kitagawa, Merigot, Thibert 2019). Exact-geometry solvers
 (geogram, pysdot) compute facets in 2-D/3-D; in high dimension this solver *samples* them.
 
-**Hessian estimate (gap bands).** For a source sample with top-k scores s_(1) >= s_(2) >= ... (cells i, j_2,
-...), the samples with s_(1) - s_(r) < eps lie in a slab of width eps / |y_i - y_j| on i's side of the facet
-(i, j_r), whose mu-mass is |H_ij| eps. Counting both sides, H_ij ~= -N_ij / (2 M_H eps) over M_H Hessian
-samples; the 1/|y_i - y_j| is already in the score units. Every j among the top k within the band counts
-(in high dimension a point is near many facets at once). eps is the ``band_quantile`` quantile of the gaps
-s_(1) - s_(2): a small quantile keeps the slab thin against a cell (low bias: the count is linear in eps
-only while the slab is thin) but gives few counts per facet (high variance); 0.2 is the default.
+The steps (each detailed in docs/newton.md):
 
-**Newton step.** Solve (H + r I) dh = -(w - nu) by Jacobi-preconditioned conjugate gradient on the sampled
-edge list (segment sums), with r = ``regularisation`` times the mean degree (it fixes the constant and any
-disconnected part of the sampled graph), then mean-centre dh. A cell with no Hessian row (it wins no sample
-and is near no facet) is raised by its measured deficit, the height it needs to win the sample where it is
-closest to winning, plus eps (:func:`lsot_jax.kernels.column_max_gap`).
-
-**Damping** (Kitagawa-Merigot-Thibert): try alpha = 1, 1/2, ..., starting from half the previous number of
-halvings (as geogram does), and accept the first step after which no more cells are empty and the L1 error
-fell to at most (1 - alpha / 2) times its value. Both points are evaluated on the *same* samples, so noise
-cannot fake progress. A trial only counts cells (the assignment kernel); the top-k pass over the Hessian rows,
-the slower kernel, runs once per accepted step.
-
-**Sample growth.** Each stage s fixes one sample of M_s = M_0 * growth^s source points (regenerated from the
-key ``fold_in(rng, s)`` batch by batch, so memory stays O(batch * d + n)) and solves the energy of that
-sample: its minimiser's true error is the sample's own noise, about the floor sqrt(2 n / (pi M_s)). A stage
-ends when the error on its sample is at most ``stage_tol`` times that floor (or the line search stalls, or
-``max_stage_steps`` steps); the next stage warm-starts on a fresh, 4x larger sample. Its first evaluation is
-an independent measurement of the previous stage's heights: from its counts c_i the solver records the
-unbiased chi^2 error
-
-    chi2 = sum_i [ (c_i/M - nu_i)^2 - (c_i/M)(1 - c_i/M)/(M - 1) ] / nu_i ,     L1 <= sqrt(chi2) ,
-
-which stays honest when M is not >> n, and stops as soon as sqrt(chi2) <= ``tol``. After the last stage one
-more fresh sample of the last size verifies the result the same way.
-
-**Averaging** (``averaging=True``, the default). Past the first stage the line-searched sample-average stages
-are costly: each solves a 4x larger sample to its own floor with several full passes per step. Instead, once
-the first stage has done the globalisation, the solver takes T full Newton steps h_{t+1} = h_t + dh_t, each
-on a fresh sample of M_a points (one assignment pass, no line search) with the first stage's sampled
-Hessian, and returns the mean of h_1 ... h_T (Polyak-Ruppert averaging): each step's gradient noise is
-independent, so the mean has about the noise of one sample of T M_a points, T M_a ~ ``max_samples``
-(:meth:`NewtonSolver.effective_sample_size`), at the cost of T passes of M_a plus the verification. Each
-step first measures its iterate on its fresh sample (recorded like a fresh evaluation), so ``tol`` can stop
-there with that iterate.
+* **Hessian estimate (gap bands).** For a source sample with top-k scores s_(1) >= s_(2) >= ..., the samples
+  with s_(1) - s_(r) < eps lie in a slab of width eps / |y_i - y_j| beside the facet (i, j_r), so
+  H_ij ~= -N_ij / (2 M_H eps) over M_H Hessian samples; eps is the ``band_quantile`` quantile of the gaps.
+* **Newton step.** (H + r I) dh = -(w - nu) by Jacobi-preconditioned conjugate gradient on the sampled edge
+  list; a cell with no Hessian row is raised by its measured deficit plus eps
+  (:func:`lsot_jax.kernels.column_max_gap`).
+* **Damping** (Kitagawa-Merigot-Thibert): alpha = 1, 1/2, ... until no more cells are empty and the L1 error
+  fell to at most (1 - alpha / 2) of its value, both measured on the *same* sample.
+* **Stages.** Stage s solves the energy of one sample of M_s points (regenerated from ``fold_in(rng, s)``
+  batch by batch, memory O(batch * d + n)) until its error is ``stage_tol`` times the floor
+  sqrt(2 n / (pi M_s)). Each stage's first evaluation is on a fresh sample, an independent measurement: the
+  unbiased chi2 = sum_i [(c_i/M - nu_i)^2 - (c_i/M)(1 - c_i/M)/(M - 1)] / nu_i, L1 <= sqrt(chi2); the run
+  stops once sqrt(chi2) <= ``tol``; with ``verify`` a last fresh sample measures the result.
+* **Averaging** (default). After the first stage, T full Newton steps h_{t+1} = h_t + dh_t, each on a fresh
+  sample of M_a points (one assignment pass, the first stage's Hessian), and the result is the mean of
+  h_1 ... h_T (Polyak-Ruppert): the noise of one sample of T M_a ~ ``max_samples`` points
+  (:meth:`NewtonSolver.effective_sample_size`). Without it (``averaging=False``) the later stages are
+  line-searched ones on samples ``growth`` times larger each.
 
 Contract (as :class:`lsot_jax.solver.BrenierSolver`): pure and jit-able (``jax.jit(solver)(rng, problem)``),
 the whole loop on device (one ``lax.while_loop`` over all stages: the step is compiled once), preallocated
@@ -71,6 +49,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from lsot_jax import control
 from lsot_jax import hessian
 from lsot_jax import kernels
 from lsot_jax import multiscale
@@ -91,37 +70,8 @@ INITIALISATIONS = ("multiscale", "gaussian", "voronoi", "zero")
 hessian_edges = hessian.hessian_edges
 laplacian_matvec = hessian.laplacian_matvec
 pcg = hessian.pcg
-
-
-def gaussian_heights(y: jax.Array, weights: jax.Array, source_mean: jax.Array, source_var: jax.Array) -> jax.Array:
-  """Heights of the closed-form map from the source onto a Gaussian fitted to the codes.
-
-  For an isotropic source of mean mu_s and per-coordinate variance v, and codes of weighted mean m and
-  covariance S, the Brenier map onto N(m, S) is T(x) = m + A (x - mu_s) with A = S^(1/2) / sqrt(v). With
-  z_i = y_i - m and h_i = -z_i^T A^(-1) z_i / 2 - <z_i, mu_s>, ``argmax_i <x, y_i> + h_i`` is the code
-  nearest to T(x) in the A^(-1) metric: the semi-discrete start that matches the codes' first two moments.
-  S is regularised by r = 1e-6 of its mean eigenvalue, so codes in a subspace are fine; its eigenvalues are
-  clipped at r, since float32 eigh returns the null space of a singular S as eigenvalues of about +-1e-7 of
-  the largest (below r or negative), which S^(-1/2) would blow up to heights of 1e9.
-
-  Args:
-    y: Array of shape [n, d], codes.
-    weights: Array of shape [n], their weights.
-    source_mean: Array of shape [d], the source's mean.
-    source_var: scalar, the source's per-coordinate variance.
-
-  Returns:
-    Array of shape [n].
-  """
-  mean = jnp.sum(weights[:, None] * y, axis=0)
-  z = y - mean[None, :]
-  cov = (weights[:, None] * z).T @ z
-  d = y.shape[1]
-  reg = 1e-6 * jnp.trace(cov) / d + 1e-30
-  evals, evecs = jnp.linalg.eigh(cov + reg * jnp.eye(d, dtype=y.dtype))
-  # A^(-1) = sqrt(v) S^(-1/2).
-  a_inv = (evecs * (jnp.sqrt(source_var) / jnp.sqrt(jnp.maximum(evals, reg)))[None, :]) @ evecs.T
-  return -0.5 * jnp.sum((z @ a_inv) * z, axis=1) - z @ source_mean
+# The closed-form Gaussian start lives in lsot_jax.multiscale (its coarsest level); re-exported here.
+gaussian_heights = multiscale.gaussian_heights
 
 
 @jax.tree_util.register_dataclass
@@ -737,28 +687,15 @@ class NewtonSolver:
   # ---- progress ------------------------------------------------------------------------------------------
 
   def _reporting(self, body, cond, num_stages: int):
-    """``body`` followed by a callback call when the step it took is due.
-
-    ``due`` repeats the loop condition: under ``jax.vmap`` the loop body also runs for elements whose loop
-    has ended (their result is discarded), and the host side must drop those calls.
-    """
-
-    def host(due, record):
-      if bool(due):
-        self.callback({k: v.item() for k, v in record.items()})
-
-    def report(before, after):
-      active = cond(before)
-      due = active & (after.it > before.it) & (after.it % self.callback_every == 0)
-      i = jnp.maximum(after.it - 1, 0)
-      record = dict(step=after.it, num_samples=after.sample_sizes[i], l1=after.errors[i],
-                    energy=after.energies[i], stage=jnp.minimum(before.stage, num_stages - 1), alpha=after.alphas[i],
-                    empty=after.empty_cells[i])
-      jax.lax.cond(due, lambda: jax.debug.callback(host, due, record, ordered=False), lambda: None)
+    """``body`` followed by a callback call when the step it took is due (:func:`control.report_progress`;
+    ``active`` repeats the loop condition, since under ``jax.vmap`` the body also runs for ended elements)."""
 
     def reporting_body(s):
       new = body(s)
-      report(s, new)
+      i = jnp.maximum(new.it - 1, 0)
+      record = dict(step=new.it, num_samples=new.sample_sizes[i], l1=new.errors[i], energy=new.energies[i],
+                    stage=jnp.minimum(s.stage, num_stages - 1), alpha=new.alphas[i], empty=new.empty_cells[i])
+      control.report_progress(self.callback, self.callback_every, new.it, cond(s) & (new.it > s.it), record)
       return new
 
     return reporting_body
