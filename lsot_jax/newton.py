@@ -159,6 +159,10 @@ class NewtonSolver:
       ``hessian_rows`` samples of each stage; the rest of the stage sample is only assigned).
     top_k: cells per sample read for the Hessian (the best and k - 1 runners-up).
     band_quantile: eps is this quantile of the best-minus-second score gaps.
+    per_cell_band: each cell's band is that quantile of the gaps of the samples it wins
+      (:func:`lsot_jax.hessian.cell_bands`), not one global quantile: the same share of every cell, whatever
+      its size in score units (tight clusters have tiny cells there). Off by default until measured on
+      every benchmark problem (it helped on the 25-Gaussian grid: docs/newton.md).
     stage_tol: a stage ends when its sample's L1 error is at most this times the sample's noise floor.
     max_stage_steps: Newton steps per stage at most.
     max_first_stage_steps: with an averaging stage, the first stage goes on past ``max_stage_steps`` while
@@ -187,6 +191,9 @@ class NewtonSolver:
       (see the module docstring): :meth:`averaging_steps` full Newton steps, each on a fresh sample of
       :meth:`averaging_size` points, with the first stage's Hessian; the result is the iterates' mean.
     max_averaging_steps: the averaging stage's steps at most; its samples total about ``max_samples``.
+    averaging_step_size: each averaging step is h + beta dh with beta this value (default 1, full steps),
+      or (0) the first stage's last accepted damping alpha. On the 25-Gaussian grid, whose first stage ends
+      damped, 0.5 measured better than 1 (docs/newton.md).
     verify: after the last stage, measure the result on one more fresh sample of the last size (the final
       ``error_bound``); without it the last bound is the one measured at the start of the last stage.
     tile_size: targets per tile in the kernels.
@@ -215,6 +222,7 @@ class NewtonSolver:
   hessian_samples_per_cell: int = dataclasses.field(default=32, metadata=dict(static=True))
   top_k: int = dataclasses.field(default=4, metadata=dict(static=True))
   band_quantile: float = dataclasses.field(default=0.5, metadata=dict(static=True))
+  per_cell_band: bool = dataclasses.field(default=False, metadata=dict(static=True))
   stage_tol: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   max_stage_steps: int = dataclasses.field(default=8, metadata=dict(static=True))
   max_first_stage_steps: int = dataclasses.field(default=32, metadata=dict(static=True))
@@ -232,6 +240,7 @@ class NewtonSolver:
   scale_steps: int = dataclasses.field(default=8, metadata=dict(static=True))
   averaging: bool = dataclasses.field(default=True, metadata=dict(static=True))
   max_averaging_steps: int = dataclasses.field(default=16, metadata=dict(static=True))
+  averaging_step_size: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   verify: bool = dataclasses.field(default=True, metadata=dict(static=True))
   tile_size: int = dataclasses.field(default=8192, metadata=dict(static=True))
   row_chunk: int = dataclasses.field(default=4096, metadata=dict(static=True))
@@ -264,6 +273,9 @@ class NewtonSolver:
     for name in ("codes_per_dim", "scale_samples_per_cell", "scale_steps"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+    if not 0.0 <= self.averaging_step_size <= 1.0:
+      raise ValueError(f"averaging_step_size must be in [0, 1] (0: the first stage's last damping); got "
+                       f"{self.averaging_step_size}.")
     if self.max_samples < self.min_samples:
       raise ValueError(f"Need min_samples <= max_samples; got {self.min_samples}, {self.max_samples}.")
 
@@ -523,7 +535,8 @@ class NewtonSolver:
       ``(dh, cg_iterations, eps)``: Array of shape [n], scalar int32 and the band width eps.
     """
     n = grad.shape[0]
-    a, b, w, eps = hessian.hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile)
+    a, b, w, eps = hessian.hessian_edges(state.top_vals, state.top_idx, hess_rows, self.band_quantile,
+                                         n if self.per_cell_band else None)
     degree = jax.ops.segment_sum(w, a, num_segments=n) + jax.ops.segment_sum(w, b, num_segments=n)
     free = candidates & (degree > 0)
     free_degree = jnp.where(free, degree, 0.0)
@@ -550,7 +563,8 @@ class NewtonSolver:
     grad = ev["counts"].astype(jnp.float32) / m - nu
     hess_rows = self._hessian_batches(n, self.stage_sizes(n)[0]) * self.stage_batch(n)
     dh, cg_iters, _ = self._direction(state, grad, hess_rows, nu > 0, jnp.zeros((n,), jnp.float32))
-    h_next = solver_lib.centre(state.h_iter + dh, nu)
+    beta = self._averaging_beta(state)
+    h_next = solver_lib.centre(state.h_iter + beta * dh, nu)
     count = k + 1
     # The mean of h_1 ... h_count (the first stage's result h_0 is not in it).
     average = state.h + (h_next - state.h) / count.astype(jnp.float32)
@@ -567,8 +581,14 @@ class NewtonSolver:
         # The first step measures the first stage's result on a fresh sample; later ones measure iterates.
         error_bound=jnp.where((k == 0) | converged, bound, state.error_bound),
         **self._record(state, it=state.it, error=l1, m=m, energy=ev["energy"], chi2=chi2, fresh_l1=l1,
-                       alpha=1.0, cg=cg_iters, empty=self._num_empty(ev["counts"], nu), scored=scored),
+                       alpha=beta, cg=cg_iters, empty=self._num_empty(ev["counts"], nu), scored=scored),
     )
+
+  def _averaging_beta(self, state: NewtonState) -> jax.Array:
+    """The averaging steps' step size (``averaging_step_size``, or the first stage's last accepted alpha)."""
+    if self.averaging_step_size > 0:
+      return jnp.asarray(self.averaging_step_size, jnp.float32)
+    return 2.0 ** (-state.halvings.astype(jnp.float32))
 
   def _newton_step(self, rng, problem, state: NewtonState, stage, m) -> NewtonState:
     """One damped Newton step on the stage sample (or the end of the stage)."""

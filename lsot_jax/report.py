@@ -334,7 +334,10 @@ def write_report(workdir: os.PathLike | str) -> Tuple[pathlib.Path, pathlib.Path
                  + ("" if bound is None else f"; unbiased chi^2 {_fmt(ot.get('marginal_chi2'))}, L1 bound "
                     f"sqrt(chi^2) {_fmt(bound)}")
                  + f"), max relative cell-mass error {_fmt(ot.get('marginal_max_rel'))}")
-    if ot.get("converged") is False:
+    if ot.get("schedule_done"):
+      facts.append("the Newton solver ran its whole sample schedule: its error is that schedule's noise floor "
+                   "(raise ot.newton.max_samples for a lower one)")
+    elif ot.get("converged") is False:
       facts.append(f"the OT fit did not converge: it stopped at its step budget ({ot.get('iterations')} steps) above "
                    "its tolerance; raise ot.num_iterations (ot.newton.num_iterations for Newton) for a converged fit")
   setting = metrics.get("setting") or {}

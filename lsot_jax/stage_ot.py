@@ -101,6 +101,8 @@ def _history(solver: Any, state: Any) -> Dict[str, Any]:
         "error_bound": float(state.error_bound),
         "num_averaged": int(state.num_averaged),
         "effective_sample_size": solver.effective_sample_size(int(state.h.shape[0])),
+        # Every stage (and the verification) done: a normal end when tol is 0, not a step budget run out.
+        "schedule_done": bool(int(state.stage) >= len(solver.schedule(int(state.h.shape[0])))),
         "tol": solver.tol,
     }
   return {
@@ -238,12 +240,16 @@ def fit_ot(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, codes: ar
   summary = {k: history[k] for k in ("iterations", "converged", "num_codes", "marginal_l1", "marginal_max_rel",
                                      "marginal_noise_floor", "marginal_chi2", "marginal_l1_bound", "max_cell_mass",
                                      "solver")}
+  summary["schedule_done"] = history.get("schedule_done")
   summary["seconds_this_run"] = time.perf_counter() - start
   log(f"ot: {summary['iterations']} steps ({summary['solver']}), converged={summary['converged']}, L1 marginal "
       f"error {summary['marginal_l1']:.4f} (noise floor {summary['marginal_noise_floor']:.4f}; unbiased bound "
       f"sqrt(chi^2) {summary['marginal_l1_bound']:.4f})")
   check_fit(config, summary, str(wd.root / "ot" / "ckpt"))
-  if not summary["converged"]:
+  if history.get("schedule_done") and not summary["converged"]:
+    log(f"ot: newton ran its whole sample schedule (noise of {history['effective_sample_size']:,} source "
+        f"points); raise --config.ot.newton.max_samples for a lower noise floor.")
+  elif not summary["converged"]:
     budget = ("ot.newton.num_iterations" if summary["solver"] == "newton" else "ot.num_iterations")
     log(f"ot: not converged: the fit stopped at its step budget ({summary['iterations']} steps) above its "
         f"tolerance; its samples are usable but less accurate; raise --config.{budget} for a converged fit.")

@@ -33,9 +33,9 @@ def _dense_hessian(a, b, w, n):
   return hess
 
 
-def _top_k_edges(x, y, h, k, quantile):
+def _top_k_edges(x, y, h, k, quantile, per_cell=False):
   vals, idx = jax.jit(lambda x: kernels.top_k(x, y, h, k))(x)
-  return newton.hessian_edges(vals, idx, x.shape[0], quantile)
+  return newton.hessian_edges(vals, idx, x.shape[0], quantile, y.shape[0] if per_cell else None)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -63,13 +63,15 @@ def test_gaussian_heights_of_codes_in_a_subspace_match_float64():
   np.testing.assert_allclose(np.asarray(h) - np.mean(np.asarray(h)), ref - ref.mean(), rtol=1e-3, atol=1e-3)
 
 
-def test_hessian_matches_closed_form_1d():
+@pytest.mark.parametrize("per_cell", [False, True])
+def test_hessian_matches_closed_form_1d(per_cell):
   """1-D, Gaussian source: H_{i,i+1} = -pdf(b_i) / (y_{i+1} - y_i), b_i the boundary point (within 6 %)."""
   y = np.array([-1.5, -0.4, 0.3, 1.1, 2.5])
   boundary = np.array([-1.0, -0.2, 0.4, 1.2])  # cell i is [boundary[i-1], boundary[i]]
   h = np.concatenate([[0.0], -np.cumsum(boundary * np.diff(y))])
   x = jax.random.normal(jax.random.key(0), (1 << 21, 1))
-  a, b, w, _ = _top_k_edges(x, jnp.asarray(y[:, None], jnp.float32), jnp.asarray(h, jnp.float32), 3, 0.2)
+  a, b, w, _ = _top_k_edges(x, jnp.asarray(y[:, None], jnp.float32), jnp.asarray(h, jnp.float32), 3, 0.2,
+                          per_cell)
   est = _dense_hessian(a, b, w, len(y))
   np.testing.assert_allclose((h[:-1] - h[1:]) / np.diff(y), boundary)
   exact_off = -scipy.stats.norm.pdf(boundary) / np.diff(y)
@@ -78,7 +80,8 @@ def test_hessian_matches_closed_form_1d():
   assert np.abs(np.triu(est, 2)).max() < 1e-3 * np.abs(exact_off).max()
 
 
-def test_hessian_matches_finite_differences_2d():
+@pytest.mark.parametrize("per_cell", [False, True])
+def test_hessian_matches_finite_differences_2d(per_cell):
   """2-D, 20 codes: the sampled Hessian times random directions vs central differences of cell masses on
   2^21 samples (relative error < 0.15; the band bias at quantile 0.2 is ~ +7 %)."""
   n = 20
@@ -87,7 +90,7 @@ def test_hessian_matches_finite_differences_2d():
   h = solver_lib.voronoi_heights(problem.y, problem.weights)
   m = 1 << 21
   x = problem.source.sample(jax.random.key(2), m)
-  a, b, w, eps = _top_k_edges(x, problem.y, h, 4, 0.2)
+  a, b, w, eps = _top_k_edges(x, problem.y, h, 4, 0.2, per_cell)
   est = _dense_hessian(a, b, w, n)
 
   @jax.jit
