@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from typing import Any, Callable, Dict, List, Sequence
@@ -314,7 +315,7 @@ def main(argv: List[str] | None = None) -> None:
     _resummarise(args.from_json, args.workdir)
     return
   CRITERION = args.criterion
-  command = "python benchmarks/bench_newton.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  command = "python benchmarks/bench_newton.py " + shlex.join(argv if argv is not None else sys.argv[1:])
   variants = []
   for spec in args.newton.split(";"):
     kwargs = {}

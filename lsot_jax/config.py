@@ -78,7 +78,8 @@ _SOLVER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(solver_lib.Bre
 NEWTON_FIELDS = ("num_iterations", "samples_per_cell", "min_samples", "max_samples", "growth", "batch_size",
                  "hessian_samples_per_cell", "top_k", "band_quantile", "stage_tol", "max_stage_steps",
                  "max_first_stage_steps", "max_halvings", "regularisation", "cg_tol", "cg_max_iter", "tol",
-                 "initialisation", "averaging", "max_averaging_steps", "verify")
+                 "initialisation", "averaging", "max_averaging_steps", "verify", "per_cell_band",
+                 "averaging_step_size")
 _NEWTON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(newton_lib.NewtonSolver)}
 # Fields that say where things are, or how they run or are read, not what is computed: they may change
 # between reruns of one workdir (a run may resume on another number of devices, or streamed; the classifier

@@ -1,5 +1,6 @@
 """Step control of the Monte-Carlo Adam solver (:class:`lsot_jax.solver.BrenierSolver`) as small pure rules,
-and the progress callback shared by the solvers.
+the Newton solver's stage-end rule (:func:`newton_stage_ends`), and the progress callback shared by the
+solvers.
 
 The solver takes one Adam step per source batch; the rules below decide, from the statistics of the last
 ``window`` steps, when the run has converged, when a batch-size stage ends, and how the step size changes.
@@ -36,6 +37,7 @@ import numpy as np
 from lsot_jax import sources as sources_lib
 
 __all__ = [
+    "newton_stage_ends",
     "best_window_error_update",
     "direction_consistency",
     "is_converged",
@@ -212,6 +214,36 @@ def stage_learning_rate(learning_rate, lr_decay: float, stage: int, boost: jax.A
     Scalar array.
   """
   return learning_rate * (lr_decay**stage) * boost * scale
+
+
+def newton_stage_ends(error, floor, stalled, stage_it, *, stage_tol: float, max_steps: int, damped=False,
+                      empty=False, max_first_steps: int = 0) -> jax.Array:
+  """Whether a sample stage of :class:`lsot_jax.newton.NewtonSolver` ends before its next Newton step.
+
+  A stage ends once its sample's L1 error is at most ``stage_tol`` times the sample's noise floor, when its
+  last line search accepted no step (``stalled``), or after ``max_steps`` steps. The first stage of a solve
+  that averages afterwards must hand over Newton's local regime, since the averaging steps are full steps:
+  while its last accepted step was ``damped`` or a cell is ``empty`` it goes on to ``max_first_steps`` (if
+  larger), and while a cell is empty its floor does not end it either.
+
+  Args:
+    error: scalar, the stage sample's L1 error.
+    floor: scalar, that sample's noise floor.
+    stalled: scalar bool.
+    stage_it: scalar int, Newton steps taken in the stage.
+    stage_tol: the floor factor.
+    max_steps: steps per stage at most.
+    damped: scalar bool, the first stage of an averaging solve whose last step had alpha < 1 (else False).
+    empty: scalar bool, the first stage of an averaging solve with a cell that wins no sample (else False).
+    max_first_steps: the cap while ``damped`` or ``empty``.
+
+  Returns:
+    Scalar bool.
+  """
+  outside = jnp.logical_or(damped, empty)
+  cap = jnp.where(outside, max(max_first_steps, max_steps), max_steps)
+  reached = (error <= stage_tol * floor) & ~jnp.asarray(empty)
+  return reached | stalled | (stage_it >= cap)
 
 
 def _call_host(callback: Callable[[Dict[str, Any]], None], due, info: Dict[str, Any]) -> None:

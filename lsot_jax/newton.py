@@ -103,8 +103,9 @@ class NewtonSolver:
     stage_tol: a stage ends when its sample's L1 error is at most this times the sample's noise floor.
     max_stage_steps: Newton steps per stage at most.
     max_first_stage_steps: with an averaging stage, the first stage goes on past ``max_stage_steps`` while
-      its last accepted step was damped (alpha < 1), up to this many steps: the averaging steps are full
-      steps and need Newton's local regime.
+      its last accepted step was damped (alpha < 1) or a cell is empty, up to this many steps, and an empty
+      cell keeps it going even at its floor (:func:`lsot_jax.control.newton_stage_ends`): the averaging
+      steps are full steps and need Newton's local regime.
     max_halvings: the line search tries alpha = 1 ... 2^-max_halvings.
     regularisation: r = this times the mean Hessian degree is added to the diagonal.
     cg_tol: relative residual of the conjugate-gradient solve.
@@ -535,10 +536,11 @@ class NewtonSolver:
     active = nu > 0
     error = self._l1(state.counts, nu, m)
     floor = solver_lib.noise_floor_l1(nu, m)
-    cap = self.max_stage_steps
-    if self.averages(n):
-      cap = jnp.where((stage == 0) & (state.halvings > 0), max(self.max_first_stage_steps, cap), cap)
-    end_stage = (error <= self.stage_tol * floor) | state.stalled | (state.stage_it >= cap)
+    first = (stage == 0) & self.averages(n)
+    end_stage = control.newton_stage_ends(
+        error, floor, state.stalled, state.stage_it, stage_tol=self.stage_tol, max_steps=self.max_stage_steps,
+        damped=first & (state.halvings > 0), empty=first & jnp.any(active & (state.counts == 0)),
+        max_first_steps=self.max_first_stage_steps)
 
     def advance(state):
       return dataclasses.replace(

@@ -57,8 +57,8 @@ def results_table(metrics: Dict[str, Any]) -> str:
 
   One row per method of ``metrics["methods"]`` (labels from ``metrics["labels"]``), the columns of
   :data:`RESULTS_COLUMNS` that the run measured (every metric when it measured none of them, e.g. a toy run's
-  mode coverage), values as :func:`lsot_jax.report.metrics_table` formats them, the Frechet distance as
-  "mean ± standard error" over the sampling seeds when there are several.
+  mode coverage), values as :func:`lsot_jax.report.metrics_table` formats them, the Frechet distance (in a
+  toy run's table every metric) as "mean ± standard error" over the sampling seeds when there are several.
 
   Args:
     metrics: the contents of a run's ``metrics.json``.
@@ -70,7 +70,7 @@ def results_table(metrics: Dict[str, Any]) -> str:
   header, rows = report.metrics_table(methods, labels, columns=RESULTS_COLUMNS, titles=COLUMN_TITLES,
                                       se_columns=SE_COLUMNS)
   if len(header) == 1:
-    header, rows = report.metrics_table(methods, labels, se_columns=SE_COLUMNS)
+    header, rows = report.metrics_table(methods, labels)
   return "\n".join(report.markdown_table(header, rows)) + "\n"
 
 

@@ -212,7 +212,7 @@ def _fmt(value: Any) -> str:
       return "nan"
     if value.is_integer():
       return str(int(value))
-    if abs(value) >= 1000 or (0 < abs(value) < 1e-3):
+    if abs(value) >= 1000 or (0 < abs(value) < 1e-2):  # three significant digits, also below 0.01
       return f"{value:.3g}"
     return f"{value:.4g}" if abs(value) >= 1 else f"{value:.3f}"
   return str(value)

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from lsot_jax import config as config_lib
+from lsot_jax import newton as newton_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAMES = ("eight_gaussians", "grid25", "mnist", "fashion_mnist", "digits", "celeba")
@@ -121,3 +122,14 @@ def test_mnist_full_grows_the_default_run_by_the_trained_baselines_only():
       config_lib.as_plain(full))
   assert [k for k in flat_full if flat_full[k] != flat_default.get(k)] == ["sample.methods"]
   assert config_lib.stage_keys(full) == config_lib.stage_keys(default)
+
+
+def test_grid25_fits_newton_with_per_cell_bands():
+  """The grid's OT stage is Newton with per-cell gap bands (its measured winner), in the full and smoke
+  variants; the solver the stage builds carries every ot.newton.* field."""
+  for arg in (None, "smoke"):
+    config = _load("grid25").get_config(arg)
+    solver = config_lib.ot_solver(config)
+    assert isinstance(solver, newton_lib.NewtonSolver) and solver.per_cell_band
+    for name in config_lib.NEWTON_FIELDS:
+      assert getattr(solver, name) == config.ot.newton[name], name

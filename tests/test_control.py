@@ -92,6 +92,26 @@ def test_next_stage_and_best_error():
   assert float(control.best_window_error_update(best, F(0.1), t, t)) == np.inf  # new stage: restart
 
 
+@pytest.mark.parametrize("error,stalled,stage_it,damped,empty,expected", [
+    (0.10, False, 3, False, False, True),    # at its floor (0.1 x stage_tol 1)
+    (0.20, False, 3, False, False, False),   # above it, under the cap
+    (0.20, True, 3, False, False, True),     # no step accepted
+    (0.20, False, 8, False, False, True),    # at max_steps
+    (0.20, False, 8, True, False, False),    # damped: goes on past max_steps ...
+    (0.20, False, 32, True, False, True),    # ... up to max_first_steps
+    (0.10, False, 3, True, False, True),     # damped at its floor: ends
+    (0.05, False, 3, False, True, False),    # an empty cell: the floor does not end it
+    (0.05, False, 8, False, True, False),    # nor max_steps
+    (0.05, True, 5, False, True, True),      # a stall does
+    (0.05, False, 32, False, True, True),    # and max_first_steps
+])
+def test_newton_stage_ends(error, stalled, stage_it, damped, empty, expected):
+  ends = control.newton_stage_ends(F(error), F(0.1), jnp.asarray(stalled), jnp.asarray(stage_it), stage_tol=1.0,
+                                   max_steps=8, damped=jnp.asarray(damped), empty=jnp.asarray(empty),
+                                   max_first_steps=32)
+  assert bool(ends) is expected
+
+
 def test_lr_boost_update_and_cap():
   t, f = jnp.asarray(True), jnp.asarray(False)
 

@@ -222,3 +222,14 @@ def test_results_table_shows_the_chosen_columns_and_the_frechet_standard_error()
   header, rows = report.metrics_table(metrics["methods"], metrics["labels"])
   assert header == ["method", "frechet ↓", "precision ↑", "recall ↑", "sinkhorn ↓", "memorisation_rate"]
   assert rows[0][:3] == ["LSOT exact", "1.8 ± 0.160", "0.947 ± 0.002"]
+
+
+def test_a_toy_runs_table_has_its_mode_coverage_with_standard_errors():
+  """A run without image metrics (the ring, the grid) publishes every metric it has, each "± se"."""
+  metrics = {"methods": {"exact": {"modes": 25.0, "modes_se": 0.0, "reverse_kl": 0.008786,
+                                   "reverse_kl_se": 0.00072, "num_seeds": 10}},
+             "labels": {"exact": "LSOT exact"}}
+  assert publish.results_table(metrics) == (
+      "| method | modes ↑ | reverse_kl ↓ |\n"
+      "|---|---|---|\n"
+      "| LSOT exact | 25 ± 0 | 0.00879 ± 0.00072 |\n")
