@@ -8,13 +8,13 @@ Command:
   python launch.py --config configs/grid25.py --workdir runs/grid
   python launch.py --config configs/grid25.py:smoke --workdir /tmp/grid_smoke   # seconds
 
-Expected runtime: 5.2 minutes wall on a quiet 2-core AMD EPYC (OT 60 s: 34 Newton steps with per-cell gap
+Expected runtime: 5.0 minutes in the stages on a quiet 2-core AMD EPYC (OT 60 s: 34 Newton steps with per-cell gap
 bands; sampling 221 s, of which the ott-jax SemidiscreteSolver baseline 158 s and WGAN-GP 51 s; evaluation
 21 s); the smoke variant seconds.
 
 Expected metrics: the OT fit ends at L1 marginal error 0.115 on 262,144 fresh points (their own noise floor
-is 0.110) and unbiased bound sqrt(chi^2) 0.046. Every LSOT sampler captures 25/25 modes in every seed. The table is that
-run's, published by ``python benchmarks/publish_run.py --workdir runs/grid --name grid25 --config grid25
+is 0.110) and unbiased bound sqrt(chi^2) 0.046. Every LSOT sampler captures 25/25 modes in every seed. The
+table is that run's, published by ``python benchmarks/publish_run.py --workdir runs/grid --name grid25 --config grid25
 --update_docs`` as docs/results/grid25/table.md:
 
   | method | modes ↑ | high_quality ↑ | reverse_kl ↓ | sinkhorn ↓ |
@@ -29,8 +29,9 @@ run's, published by ``python benchmarks/publish_run.py --workdir runs/grid --nam
   | AE + latent WGAN-GP | 23.9 ± 0.100 | 0.675 ± 0.00356 | 0.362 ± 0.0044 | 0.328 ± 0.00409 |
 
 Reverse KL of the mode histogram: ``extended`` (0.00785) and ``soft`` (0.00790) are below the 25-component
-GMM (0.00805) and ``exact`` (0.00878) is one standard error above it (Adam's fit: 0.0176 to 0.0190, README); a perfect sampler's 2,500
-draws in 25 bins score about 24 / (2 x 2,500) = 0.005 from counting noise alone.
+GMM (0.00805) and ``exact`` (0.00878) is one standard error above it (Adam's fit: 0.0176 to 0.0190,
+README); a perfect sampler's 2,500 draws in 25 bins score about 24 / (2 x 2,500) = 0.005 from counting noise
+alone.
 """
 import os
 import sys
@@ -44,8 +45,8 @@ def get_config(arg=None):
   config = eight_gaussians.get_config(arg)
   config.data.name = "grid"
   config.sample.gmm_components = 25
-  # Newton with per-cell gap bands: on these tight clusters it halves Adam's reverse KL in a fifth of the
-  # time (README); the mixtures of benchmarks/bench_newton.py measured better with one global band.
+  # Newton with per-cell gap bands: on these tight clusters it has less than half Adam's reverse KL in 37 %
+  # of its OT time (README); the mixtures of benchmarks/bench_newton.py measured better with one global band.
   config.ot.solver = "newton"
   config.ot.newton.per_cell_band = True
   if arg not in ("smoke", "runlocal"):

@@ -37,7 +37,6 @@ import numpy as np
 from lsot_jax import sources as sources_lib
 
 __all__ = [
-    "newton_stage_ends",
     "best_window_error_update",
     "direction_consistency",
     "is_converged",
@@ -45,6 +44,7 @@ __all__ = [
     "is_exact_batch",
     "is_stalled",
     "lr_boost_update",
+    "newton_stage_ends",
     "next_stage",
     "report_progress",
     "stage_learning_rate",

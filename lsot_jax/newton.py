@@ -536,10 +536,11 @@ class NewtonSolver:
     active = nu > 0
     error = self._l1(state.counts, nu, m)
     floor = solver_lib.noise_floor_l1(nu, m)
+    empty_cells = active & (state.counts == 0)
     first = (stage == 0) & self.averages(n)
     end_stage = control.newton_stage_ends(
         error, floor, state.stalled, state.stage_it, stage_tol=self.stage_tol, max_steps=self.max_stage_steps,
-        damped=first & (state.halvings > 0), empty=first & jnp.any(active & (state.counts == 0)),
+        damped=first & (state.halvings > 0), empty=first & jnp.any(empty_cells),
         max_first_steps=self.max_first_stage_steps)
 
     def advance(state):
@@ -553,7 +554,6 @@ class NewtonSolver:
       # and a Newton raise nu_i / H_ii would be huge. They are raised by their deficit + eps instead (they
       # then win the samples where they came closest), and Newton solves for the others with that raise
       # as a known boundary value.
-      empty_cells = active & (state.counts == 0)
       raise_by = jax.lax.cond(
           jnp.any(empty_cells),
           lambda: self._deficits(key, problem, state.h, state.top_vals, m),
