@@ -297,6 +297,9 @@ def main(argv: List[str] | None = None) -> None:
                       help="NewtonSolver overrides, e.g. max_samples=2097152; several runs separated by ';' "
                            "(e.g. ';averaging=False': the defaults, then without averaging); the first is the "
                            "reference of the ratios")
+  parser.add_argument("--ott-start-iterations", type=int, default=125,
+                      help="ott's first (smallest) budget; the curve doubles it from there (a long-cap run can "
+                           "start where the short runs end)")
   parser.add_argument("--skip", default="", help="solvers to skip: adam,ott")
   parser.add_argument("--tag", default=None)
   parser.add_argument("--eval-samples", type=int, default=0,
@@ -345,7 +348,8 @@ def main(argv: List[str] | None = None) -> None:
     if "ott" not in args.skip:
       for spec in filter(None, args.ott.split(",")):
         schedule, lr, batch = spec.split(":")
-        solvers.append(run_ott(problem, evaluate, args.max_seconds, float(lr), schedule, int(batch), target))
+        solvers.append(run_ott(problem, evaluate, args.max_seconds, float(lr), schedule, int(batch), target,
+                               start_iterations=args.ott_start_iterations))
     result = dict(problem=name, n=n, d=d, target=target, criterion=CRITERION, eval_samples=num_eval, machine=machine,
                   eval_floor=float(solver_lib.noise_floor_l1(problem.weights, num_eval)),
                   weights=problem.weights, solvers=solvers)
