@@ -40,6 +40,7 @@ __all__ = [
     "make_problem",
     "marginal_chi2",
     "masked_heights",
+    "noise_floor_bound",
     "noise_floor_l1",
     "sampling_floor",
     "score_gap",
@@ -206,6 +207,24 @@ def noise_floor_l1(weights: jax.Array, num_samples) -> jax.Array:
   return jnp.sqrt(2.0 / jnp.pi) * jnp.sum(
       jnp.sqrt(weights * (1.0 - weights) / num_samples)
   )
+
+
+def noise_floor_bound(weights: jax.Array, num_samples) -> jax.Array:
+  """The chi^2 counterpart of :func:`noise_floor_l1`: sqrt(E chi^2) of the histogram of M i.i.d. samples.
+
+  The chi^2 error of the empirical histogram has expectation sum_i (1 - nu_i) / M ((n - 1) / M over the cells
+  with nu_i > 0), so the minimiser of an M-point sample's energy, whose cells hold that sample's noise, has
+  a true sqrt(chi^2) error about this large: the floor to compare :func:`marginal_chi2`'s bound with (the
+  L1 floor is about sqrt(2 / pi) times it for uniform weights).
+
+  Args:
+    weights: Array of shape [n], target weights.
+    num_samples: M.
+
+  Returns:
+    Scalar array.
+  """
+  return jnp.sqrt(jnp.sum(jnp.where(weights > 0, 1.0 - weights, 0.0)) / num_samples)
 
 
 def sampling_floor(weights: jax.Array, num_samples: int, exact: bool):

@@ -43,6 +43,7 @@ from lsot_jax.problem import (
     make_problem,
     marginal_chi2,
     masked_heights,
+    noise_floor_bound,
     noise_floor_l1,
     sampling_floor,
     score_gap,

@@ -140,6 +140,17 @@ def test_marginal_chi2_is_unbiased(np_rng):
   assert plug_in > exact + 0.5 * (n - 1) / m
 
 
+def test_noise_floor_bound_matches_multinomial_simulation(np_rng):
+  """sqrt of the mean plug-in chi^2 of multinomial histograms (a cell of weight 0 is left out), M = n / 2."""
+  nu = np.concatenate([np_rng.dirichlet(np.full(199, 3.0)), [0.0]])
+  m = 100
+  p = np_rng.multinomial(m, nu, size=4000) / m
+  active = nu > 0
+  simulated = np.sqrt(((p[:, active] - nu[active]) ** 2 / nu[active]).sum(axis=1).mean())
+  np.testing.assert_allclose(float(solver_lib.noise_floor_bound(jnp.asarray(nu, jnp.float32), m)), simulated,
+                             rtol=0.02)
+
+
 def test_gaussian_start_matches_affine_map():
   """Codes from N(m, S): the moment-matched start is already close (L1 < 0.45 of the Voronoi start's)."""
   rng = np.random.default_rng(3)
