@@ -232,9 +232,12 @@ def test_averaging_schedule():
   """Sizes of the stages with averaging: the first stage, T averaging samples that total max_samples, the
   verification at max_samples; without a first stage below max_samples there is no averaging stage."""
   solver = newton.NewtonSolver()
-  assert solver.averages(20_000) and solver.schedule(20_000) == (1 << 19, 1 << 19, 1 << 22)
-  assert solver.averaging_steps(20_000) == 8 and solver.effective_sample_size(20_000) == 1 << 22
-  assert solver.schedule(2_000) == (1 << 15, 1 << 18, 1 << 22) and solver.averaging_steps(2_000) == 16
+  assert solver.averages(20_000) and solver.schedule(20_000) == (1 << 19, 1 << 17, 1 << 22)
+  assert solver.averaging_steps(20_000) == 32 and solver.effective_sample_size(20_000) == 1 << 22
+  assert solver.schedule(2_000) == (1 << 15, 1 << 17, 1 << 22) and solver.averaging_steps(2_000) == 32
+  # Averaging steps may be smaller than the first stage, never smaller than one batch.
+  few = dataclasses.replace(solver, max_samples=1 << 20)
+  assert few.averaging_size(20_000) == few.stage_batch(20_000) == 1 << 16 and few.averaging_steps(20_000) == 16
   plain = dataclasses.replace(solver, averaging=False)
   assert plain.schedule(2_000) == (1 << 15, 1 << 17, 1 << 19, 1 << 21, 1 << 22, 1 << 22)
   assert plain.effective_sample_size(2_000) == 1 << 22 and plain.averaging_steps(2_000) == 0
