@@ -22,6 +22,7 @@ from lsot_jax.solver import (
     SolverState,
     make_problem,
     marginal_chi2,
+    noise_floor_bound,
     noise_floor_l1,
 )
 from lsot_jax.sources import DiscreteSource, Gaussian, UniformCube, make_source
@@ -46,6 +47,7 @@ __all__ = [
     "make_problem",
     "make_source",
     "marginal_chi2",
+    "noise_floor_bound",
     "noise_floor_l1",
     "to_ott_output",
     "to_ott_problem",
