@@ -247,7 +247,7 @@ class NewtonSolver:
     mean's error has a boundary term ~ 1 / T besides the noise of all the samples; at n = 20,000, d = 64, 32
     steps of 2^18 ended at 1.26x the floor of their 2^23 samples, 16 steps of 2^19 at 1.55x).
     """
-    return self._round(n, max(self.stage_batch(n), -(-self.max_samples // self.max_averaging_steps)))
+    return self._round(n, -(-self.max_samples // self.max_averaging_steps))  # rounded up: >= one batch
 
   def averaging_steps(self, n: int) -> int:
     """Steps of the averaging stage (0 without one): enough that their samples total ``max_samples``."""
