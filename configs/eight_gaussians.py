@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.ot.tol = 0.05
   config.ot.checkpoint_every = 100
   config.sample.methods = ("exact", "extended", "soft", "ott_semidiscrete", "gaussian", "gmm", "sinkhorn",
-                           "wgan_gp")
+                           "wgan_gp", "resample")
   config.sample.num_samples = 2500
   config.sample.num_seeds = 10
   config.sample.gmm_components = 8

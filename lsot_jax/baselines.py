@@ -11,7 +11,12 @@ pytree of arrays, and ``sample(params, key, num) -> Array [num, d]``:
 - :func:`fit_sinkhorn_map` / :func:`sample_sinkhorn_map`: the ott-jax entropic
   (Sinkhorn) map from a standard Gaussian to the codes;
 - :func:`train_wgan_gp` / :func:`sample_wgan_gp`: a latent WGAN-GP
-  (Gulrajani et al. 2017), the min-max the paper avoids.
+  (Gulrajani et al. 2017), the min-max the paper avoids;
+- :func:`fit_resample` / :func:`sample_resample`: the training codes
+  themselves, drawn with their weights. A reference, not a generator: it is
+  what LSOT ``exact`` draws when the OT problem is solved exactly, so its
+  scores are the evaluation protocol's own noise level (and, decoded, the
+  autoencoder's ceiling).
 
 The samplers are jittable with ``num`` static. The fits run once, on the host
 (:func:`train_wgan_gp` jits its own ``lax.scan`` of training steps).
@@ -33,11 +38,13 @@ from lsot_jax import tracking
 __all__ = [
     "fit_gaussian",
     "fit_gmm",
+    "fit_resample",
     "fit_sinkhorn_map",
     "mlp_apply",
     "mlp_init",
     "sample_gaussian",
     "sample_gmm",
+    "sample_resample",
     "sample_sinkhorn_map",
     "sample_wgan_gp",
     "train_wgan_gp",
@@ -168,6 +175,51 @@ def sample_gmm(params: Params, key: jax.Array, num: int) -> jax.Array:
   comp = jax.random.categorical(key_comp, jnp.log(weights), shape=(num,))
   z = jax.random.normal(key_z, (num, means.shape[1]))
   return means[comp] + jnp.einsum("nij,nj->ni", chols[comp], z)
+
+
+# ----------------------------------------------------------------------------
+# Resampled training codes (the reference)
+
+
+def fit_resample(codes: Any, weights: Optional[Any] = None) -> Params:
+  """The codes and the log of their weights, for :func:`sample_resample`.
+
+  Args:
+    codes: array [n, d], the training codes.
+    weights: array [n] of non-negative weights (normalised here); None: uniform.
+
+  Returns:
+    ``{"codes": float32 [n, d], "log_weights": float32 [n]}``.
+
+  Raises:
+    ValueError: codes that are not a finite [n, d] array, or weights of another length, negative,
+      non-finite or all zero.
+  """
+  codes = _check_codes(codes, min_points=1)
+  n = codes.shape[0]
+  w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, np.float64)
+  if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+    raise ValueError(f"weights must be {n} finite non-negative numbers with a positive sum, got shape "
+                     f"{w.shape}.")
+  with np.errstate(divide="ignore"):
+    log_w = np.log(w / w.sum())
+  return dict(codes=jnp.asarray(codes, jnp.float32), log_weights=jnp.asarray(log_w, jnp.float32))
+
+
+def sample_resample(params: Params, key: jax.Array, num: int) -> jax.Array:
+  """Draws training codes with replacement, code i with probability nu_i.
+
+  Args:
+    params: output of :func:`fit_resample`.
+    key: a JAX PRNG key.
+    num: number of samples (static under jit).
+
+  Returns:
+    Array of shape [num, d], rows of the codes.
+  """
+  _check_num(num)
+  index = jax.random.categorical(key, params["log_weights"], shape=(num,))
+  return params["codes"][index]
 
 
 # ----------------------------------------------------------------------------

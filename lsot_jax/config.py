@@ -51,7 +51,9 @@ STAGE_INPUTS = {"ae": (), "encode": ("ae",), "ot": ("encode",), "sample": ("ot",
 # unless ``overwrite``; the later stages are recomputed, their superseded results kept.
 REFIT_STAGES = ("ae", "encode", "ot")
 LSOT_METHODS = ("exact", "extended", "soft")
-BASELINE_METHODS = ("gaussian", "gmm", "sinkhorn", "wgan_gp", "vae", "ott_semidiscrete")
+# ``resample`` (last, so that the other methods keep their fitting keys) is the reference row: the training
+# codes drawn with their weights, what ``exact`` draws when the OT problem is solved exactly.
+BASELINE_METHODS = ("gaussian", "gmm", "sinkhorn", "wgan_gp", "vae", "ott_semidiscrete", "resample")
 METHODS = LSOT_METHODS + BASELINE_METHODS
 METHOD_LABELS = {
     "exact": "LSOT exact",
@@ -63,6 +65,7 @@ METHOD_LABELS = {
     "wgan_gp": "AE + latent WGAN-GP",
     "vae": "VAE",
     "ott_semidiscrete": "LSOT exact, ott-jax SemidiscreteSolver",
+    "resample": "Training codes, resampled (reference)",
 }
 AE_KINDS = ("identity", "mlp", "conv28", "conv64")
 FEATURE_SPACES = ("points", "classifier", "pixels")

@@ -35,6 +35,7 @@ _GAUSSIAN = jax.jit(baselines.sample_gaussian, static_argnums=2)
 _GMM = jax.jit(baselines.sample_gmm, static_argnums=2)
 _SINKHORN = jax.jit(baselines.sample_sinkhorn_map, static_argnums=2)
 _WGAN_GP = jax.jit(baselines.sample_wgan_gp, static_argnums=2)
+_RESAMPLE = jax.jit(baselines.sample_resample, static_argnums=2)
 _NORMAL = jax.jit(jax.random.normal, static_argnums=1)
 _OTT_SOLVE = jax.jit(ott_interop.ott_semidiscrete_solve, static_argnames=("num_iterations", "batch_size"))
 
@@ -163,6 +164,13 @@ def _ott_semidiscrete(inp: SamplerInputs) -> Sampler:
   return Sampler(lambda key: _GENERATE("exact", key, source, potential.y, h_ott, num), info)
 
 
+def _resample(inp: SamplerInputs) -> Sampler:
+  problem = inp.fit.problem
+  params = baselines.fit_resample(np.asarray(problem.y), np.asarray(problem.weights))
+  num = int(inp.config.sample.num_samples)
+  return Sampler(lambda key: _RESAMPLE(params, key, num), {})
+
+
 def _vae(inp: SamplerInputs) -> Sampler:
   config = inp.config
   kind = config.ae.kind if config.ae.kind != "identity" else "mlp"
@@ -190,5 +198,6 @@ SAMPLERS: Dict[str, Callable[[SamplerInputs], Sampler]] = {
     "wgan_gp": _wgan_gp,
     "vae": _vae,
     "ott_semidiscrete": _ott_semidiscrete,
+    "resample": _resample,
 }
 assert tuple(SAMPLERS) == config_lib.METHODS

@@ -20,6 +20,7 @@ when the workdir was prepared, :meth:`lsot_jax.workdir.Workdir.prepare`) or runs
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -424,7 +425,8 @@ def _track_results(ctx: Context, res: Results, metrics: Dict[str, Any]) -> None:
 
 
 def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
-  """Draws the "At a glance" figure of a run whose eval stage is done, unless its PNG exists (process 0).
+  """Draws the "At a glance" figure of a run whose eval stage is done, unless it shows the current settings
+  already (process 0).
 
   2-D toys: :func:`lsot_jax.figures.methods_panel` of every method's first sample seed over the held-out
   data, with the power diagram and jump chords of the potential when the codes are the data
@@ -432,15 +434,23 @@ def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
   maps (:func:`lsot_jax.figures.lsot_samplers`, the run's ``sample.angle_threshold``) along the line between
   two seeded source points, decoded.
 
+  What the figure shows (the methods and the extended map's settings) is written beside the PNG as a JSON
+  stamp; a rerun with other ``sample.methods`` or sampler settings redraws it, a rerun with the same ones
+  does not.
+
   Every process restores the artifacts (as the stages do); process 0 draws.
 
   Returns:
-    The PNG's path, or None when not drawn here (another process, or it exists).
+    The PNG's path, or None when not drawn here (another process, or it is up to date).
   """
   path = ctx.wd.root / report_lib.GLANCE_FIGURES["points" if ctx.is_points else "image"][0]
-  if path.exists():
+  stamp_path = path.with_suffix(".json")
+  cfg = ctx.config
+  shows = {"methods": list(cfg.sample.methods) if ctx.is_points else ["exact", "extended"],
+           "angle_threshold": cfg.sample.angle_threshold, "blend_scale": float(cfg.sample.blend_scale)}
+  if path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == shows:
     return None
-  cfg, ae, fit = ctx.config, res.autoencoder(), res.fit()
+  ae, fit = res.autoencoder(), res.fit()
   potential, source = fit.potential, fit.problem.source
   drawn = {}
   if ctx.is_points:
@@ -469,6 +479,7 @@ def draw_figures(ctx: Context, res: Results) -> Optional[pathlib.Path]:
     fig = figures.interpolation_strip(ae.decode, ends[0], ends[1], maps, steps=10, path=path,
                                       potential=potential, labels=config_lib.METHOD_LABELS)
   plt.close(fig)
+  stamp_path.write_text(json.dumps(shows))
   return path
 
 

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.special import logsumexp
 
 from lsot_jax import baselines
@@ -133,6 +134,24 @@ def test_wgan_gp_smoke(np_rng, rng):
   assert np.all(np.isfinite(np.asarray(samples)))
 
 
+def test_resample_draws_codes_with_their_weights(np_rng, rng):
+  codes = np_rng.normal(size=(6, 3))
+  weights = np.array([0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+  params = baselines.fit_resample(codes, weights)
+  num = 40_000
+  samples = np.asarray(jax.jit(baselines.sample_resample, static_argnums=2)(params, rng, num))
+  assert samples.shape == (num, 3)
+  # Every sample is one of the codes (float32-exact), and the zero-weight codes are never drawn.
+  match = np.all(samples[:, None, :] == np.asarray(params["codes"])[None], axis=-1)
+  assert np.all(match.sum(axis=1) == 1)
+  counts = match.sum(axis=0)
+  assert counts[4] == counts[5] == 0
+  # The counts of the drawn codes against the multinomial of their weights (scipy's chi^2 test).
+  assert stats.chisquare(counts[:4], num * weights[:4]).pvalue > 1e-3
+  uniform = baselines.fit_resample(codes)
+  np.testing.assert_allclose(np.exp(np.asarray(uniform["log_weights"])), np.full(6, 1 / 6), rtol=1e-6)
+
+
 def test_bad_inputs(rng):
   with pytest.raises(ValueError, match="shape"):
     baselines.fit_gaussian(np.zeros(5))
@@ -144,6 +163,10 @@ def test_bad_inputs(rng):
     baselines.fit_sinkhorn_map(rng, np.ones((5, 2)), epsilon=0.0)
   with pytest.raises(ValueError, match="num_steps"):
     baselines.train_wgan_gp(rng, np.ones((5, 2)), 0)
+  with pytest.raises(ValueError, match="weights must be 5"):
+    baselines.fit_resample(np.ones((5, 2)), np.ones(4))
+  with pytest.raises(ValueError, match="positive sum"):
+    baselines.fit_resample(np.ones((5, 2)), np.zeros(5))
 
 
 @pytest.mark.slow

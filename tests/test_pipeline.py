@@ -231,8 +231,11 @@ def test_more_methods_draw_only_the_new_ones_and_fewer_reevaluate_only(finished,
   exactly the configured methods each time."""
   config, workdir = _copy(finished, tmp_path)
   upstream = _files(workdir, "ae", "encode", "ot")
-  drawn = _files(workdir, "sample/exact", "sample/gaussian", "samples")
+  drawn = {k: v for k, v in _files(workdir, "sample/exact", "sample/gaussian", "samples").items()
+           if "methods_panel" not in k}
   original = json.loads((workdir / "metrics.json").read_text())["methods"]
+  panel_shows = lambda: json.loads((workdir / "samples/methods_panel.json").read_text())["methods"]
+  assert panel_shows() == list(config.sample.methods)
   lines = []
   grown = pipeline.run(_tiny_config(sample__methods=("exact", "gaussian", "gmm")), workdir, log=lines.append)
   assert _started(lines) == ["sample", "eval"]
@@ -245,10 +248,12 @@ def test_more_methods_draw_only_the_new_ones_and_fewer_reevaluate_only(finished,
   assert {m: grown["methods"][m] for m in original} == original
   assert not (workdir / "superseded").exists()
   assert json.loads((workdir / "sample" / "DONE.json").read_text())["methods"] == ["exact", "gaussian", "gmm"]
+  assert panel_shows() == ["exact", "gaussian", "gmm"]  # the figure at a glance is redrawn with the new method
   lines.clear()
   fewer = pipeline.run(_tiny_config(sample__methods=("exact",)), workdir, log=lines.append)
   assert _started(lines) == ["eval"] and "sample: already done, skipping" in lines
   assert list(fewer["methods"]) == ["exact"] and fewer["methods"]["exact"] == original["exact"]
+  assert panel_shows() == ["exact"]
   lines.clear()
   back = pipeline.run(config, workdir, log=lines.append)
   assert _started(lines) == ["eval"]
