@@ -46,6 +46,7 @@ from bench_solver import mixture_codes  # pylint: disable=wrong-import-position
 
 from lsot_jax import data as data_lib  # pylint: disable=wrong-import-position
 from lsot_jax import newton as newton_lib  # pylint: disable=wrong-import-position
+from lsot_jax import publish  # pylint: disable=wrong-import-position
 from lsot_jax import ott_interop  # pylint: disable=wrong-import-position
 from lsot_jax import solver as solver_lib  # pylint: disable=wrong-import-position
 from lsot_jax import sources  # pylint: disable=wrong-import-position
@@ -335,12 +336,7 @@ def main(argv: List[str] | None = None) -> None:
       k, v = item.split("=")
       kwargs[k] = type(getattr(newton_lib.NewtonSolver(), k))(eval(v))  # pylint: disable=eval-used
     variants.append(kwargs)
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  cpu = publish.cpu_model() or platform.processor() or platform.machine()
   machine = f"{jax.default_backend()}, {cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
   results = []
   for name in args.problems.split(","):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lsot_jax import kernels
+from lsot_jax import publish
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -39,14 +40,6 @@ def best_time(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - start)
   return best
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
@@ -86,7 +79,7 @@ def main(argv=None) -> None:
     peak = max(peak, 2.0 * 2048**3 / best_time(matmul, a, a, repeats=args.repeats))
   for r in rows:
     r.update(fraction_of_matmul=r["gflops"] * 1e9 / peak, matmul_gflops=peak / 1e9)
-  machine = f"{jax.default_backend()}, {cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}"
+  machine = f"{jax.default_backend()}, {publish.cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
   command = "python benchmarks/bench_newton_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
   os.makedirs(RESULTS, exist_ok=True)
   tag = jax.default_backend()

@@ -53,12 +53,8 @@ CASES = READ_CASES + RUN_CASES
 
 
 def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(l.split(":", 1)[1].strip() for l in f
-                  if l.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
+  from lsot_jax import publish  # pylint: disable=g-import-not-at-top
+  return publish.cpu_model() or platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:

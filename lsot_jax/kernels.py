@@ -12,8 +12,8 @@ Three reductions are available:
 
 * ``"topk"`` (default on CPUs): :func:`top_k` with k = 1. Each [256, 2048] score tile is materialised (it stays
   in cache) and reduced by two plain float reductions (the max, then the lowest index attaining it), tiles
-  merged by a running max. On the 2-core CPUs at d = 64 it runs at 44 % (Xeon) to 50 % (AMD EPYC) of the
-  dense matmul rate, against 30 % to 35 % for ``"fused"`` (``python benchmarks/bench_newton_kernels.py``).
+  merged by a running max. On the 2-core CPUs at d = 64 it runs at 44 % (Xeon) to 50-58 % (AMD EPYCs) of the
+  dense matmul rate, against 30 % to 37 % for ``"fused"`` (``python benchmarks/bench_newton_kernels.py``).
   The result is the lowest index attaining the float32 maximum, as ``"argmax"``.
 * ``"argmax"``: ``jnp.max`` and ``jnp.argmax`` of each score tile, tiles combined by an exact running max
   (lowest tile on exact ties). The result is the lowest index attaining the float32 maximum. On GPUs and

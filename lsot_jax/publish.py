@@ -140,13 +140,24 @@ def splice_table(text: str, name: str, table: str, indent: str = "") -> str:
 
 
 def cpu_model() -> Optional[str]:
-  """The CPU's model name from ``/proc/cpuinfo`` (None where there is none)."""
+  """The CPU's model name from ``/proc/cpuinfo``, with its family and model numbers (None where there is none).
+
+  Virtual machines often report a bare name ("AMD EPYC") for CPUs of different generations and speeds, so
+  the numbers tell them apart, e.g. ``"AMD EPYC (family 25, model 17)"``.
+  """
   try:
     text = pathlib.Path("/proc/cpuinfo").read_text()
   except OSError:
     return None
   match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-  return match.group(1).strip() if match else None
+  if not match:
+    return None
+  family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.MULTILINE)
+  model = re.search(r"^model\s*:\s*(\d+)$", text, re.MULTILINE)
+  name = match.group(1).strip()
+  if family and model:
+    name += f" (family {family.group(1)}, model {model.group(1)})"
+  return name
 
 
 def _git(repo: pathlib.Path, *args: str) -> Optional[str]:

@@ -112,7 +112,8 @@ def test_publish_command_writes_a_finished_runs_files_and_updates_the_quotes(toy
   metrics = json.loads((workdir / "metrics.json").read_text())
   table = (out / "table.md").read_text()
   assert table == publish.results_table(metrics)
-  # Each cell is the metric rounded (a toy run: the point metrics; two seeds, so no "±" outside Frechet).
+  # Each cell is the metric rounded, "mean ± se" where the run has a standard error (a toy run's table shows
+  # every metric, each with its se over the sampling seeds).
   header, *rows = _cells(table)
   assert [r[0] for r in rows] == [metrics["labels"][m] for m in metrics["methods"]] == ["LSOT exact",
                                                                                         "LSOT extended"]
@@ -120,9 +121,13 @@ def test_publish_command_writes_a_finished_runs_files_and_updates_the_quotes(toy
   assert names[:3] == ["modes", "high_quality", "reverse_kl"]
   for method, row in zip(metrics["methods"], rows):
     for name, cell in zip(names, row[1:]):
-      value = metrics["methods"][method][name]
-      decimals = len(cell.split(".")[1]) if "." in cell else 0
-      assert abs(float(cell) - value) <= 0.5 * 10 ** -decimals + 1e-12, (method, name, cell, value)
+      parts = cell.split(" ± ")
+      keys = [name, f"{name}_se"][:len(parts)]
+      assert len(parts) == 1 + (f"{name}_se" in metrics["methods"][method]), (method, name, cell)
+      for key, part in zip(keys, parts):
+        value = metrics["methods"][method][key]
+        decimals = len(part.split(".")[1]) if "." in part else 0
+        assert abs(float(part) - value) <= 0.5 * 10 ** -decimals + 1e-12, (method, key, part, value)
 
   run = json.loads((out / "run.json").read_text())
   assert run["name"] == "toy" and run["config"] == str(config_file)
@@ -131,7 +136,9 @@ def test_publish_command_writes_a_finished_runs_files_and_updates_the_quotes(toy
   assert run["stage_seconds"] == {**metrics["stage_seconds"], "eval": eval_seconds}
   assert math.isclose(run["total_seconds"], sum(run["stage_seconds"].values()))
   cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
-  assert run["cpu"] == re.findall(r"model name\s*:\s*(.*)", cpuinfo)[0].strip()
+  name = re.findall(r"model name\s*:\s*(.*)", cpuinfo)[0].strip()
+  family, model = re.findall(r"cpu family\s*:\s*(\d+)", cpuinfo)[0], re.findall(r"^model\s*:\s*(\d+)", cpuinfo, re.M)[0]
+  assert run["cpu"] == f"{name} (family {family}, model {model})"
   head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
   assert run["commit"] == head.strip() and run["commit_source"] == "checked out when published"
 
