@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     peak = max(peak, 2.0 * 2048**3 / best_time(matmul, a, a, repeats=args.repeats))
   for r in rows:
     r.update(fraction_of_matmul=r["gflops"] * 1e9 / peak, matmul_gflops=peak / 1e9)
-  machine = f"{jax.default_backend()}, {publish.cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
+  cpu = publish.cpu_model() or platform.processor() or platform.machine()
+  machine = f"{jax.default_backend()}, {cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
   command = "python benchmarks/bench_newton_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
   os.makedirs(RESULTS, exist_ok=True)
   tag = jax.default_backend()
