@@ -31,8 +31,9 @@ Command:
 
 Expected runtime (measured at commit f790f58 on the 2-core Intel Xeon, the slower of the project's machines;
 ``git show 88b2440:docs/results/mnist_run/run.json``; on a quiet 2-core AMD EPYC of family 25, model 17,
-8.4 minutes with the venv set-up, OT 150 s: docs/results/mnist_run/run.json): ``make run`` 14.2 minutes wall (autoencoder 348 s, encoding 7 s, OT 261 s =
-140 Adam steps to tol, sampling of 6 methods x 3 seeds 60 s, evaluation 149 s including the classifier);
+8.4 minutes with the venv set-up, OT 150 s: docs/results/mnist_run/run.json): ``make run`` 14.2 minutes wall
+(autoencoder 348 s, encoding 7 s, OT 261 s = 140 Adam steps to tol, sampling of 6 methods x 3 seeds 60 s,
+evaluation 149 s including the classifier);
 ``make baselines`` on the finished run then trains, draws and evaluates only the WGAN-GP and the VAE
 in 6.3 minutes wall (WGAN-GP 180 s, VAE 142 s, their evaluation 44 s).
 Expected metrics (mean over 3 sampling seeds, Frechet distance ± its standard error; classifier test accuracy
